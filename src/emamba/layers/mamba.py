@@ -1,0 +1,136 @@
+"""Mamba-1 token mixer (selective state space), written against :func:`emamba.ops.selective_scan`.
+
+Parameter names follow mamba_ssm's ``Mamba`` module (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``,
+``A_log``, ``D``, ``out_proj``) so state dicts trained with the original SiMBA code load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import selective_scan
+
+
+def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
+    """Bias whose softplus is log-uniform in [dt_min, dt_max] (Mamba's dt initialisation)."""
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 block over a token sequence: (batch, L, dim) -> (batch, L, dim).
+
+    in_proj (no bias) -> causal depthwise conv1d (bias) -> SiLU -> x_proj (no bias) -> dt_proj (bias)
+    -> softplus -> selective scan with A = -exp(A_log), D skip -> y * SiLU(z) -> out_proj (no bias).
+
+    Args:
+        dim: model width.
+        d_state: SSM state size n (64 in the released SiMBA code).
+        d_conv: causal depthwise conv kernel size.
+        expand: inner width multiplier.
+        dt_rank: rank of the delta projection; ``"auto"`` means ceil(dim / 16).
+        bidirectional: add a second branch over the reversed sequence (the paper's Algorithm 1) with its
+            own conv, projections, A and D (Vim-style names ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``,
+            ``A_b_log``, ``D_b``); both outputs are summed before ``out_proj``. The released vision code
+            is unidirectional, hence the default.
+        backend: selective-scan backend (see :func:`emamba.ops.selective_scan`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        bidirectional: bool = False,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.d_inner = int(expand * dim)
+        self.d_state = d_state
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.bidirectional = bidirectional
+        self.backend = backend
+        self._dt_range = (dt_min, dt_max, dt_init_floor)
+
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        for suffix in ("", "_b") if bidirectional else ("",):
+            self._make_branch(suffix, d_conv)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        self.reset_dt_parameters()
+
+    def _make_branch(self, suffix: str, d_conv: int) -> None:
+        d_inner, n = self.d_inner, self.d_state
+        conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        setattr(self, f"conv1d{suffix}", conv)
+        setattr(self, f"x_proj{suffix}", nn.Linear(d_inner, self.dt_rank + 2 * n, bias=False))
+        setattr(self, f"dt_proj{suffix}", nn.Linear(self.dt_rank, d_inner, bias=True))
+        # S4D-real initialisation: A = -[1, 2, ..., n] for every channel.
+        A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32).repeat(d_inner, 1)))
+        D = nn.Parameter(torch.ones(d_inner))
+        A_log._no_weight_decay = True
+        D._no_weight_decay = True
+        setattr(self, "A_log" if not suffix else "A_b_log", A_log)
+        setattr(self, f"D{suffix}", D)
+
+    @torch.no_grad()
+    def reset_dt_parameters(self) -> None:
+        """(Re-)apply Mamba's dt initialisation to ``dt_proj`` (and ``dt_proj_b``).
+
+        The released SiMBA code ran a model-wide ``_init_weights`` after building the blocks that reset
+        every Linear (dt_proj included) to trunc-normal weights and zero bias, so every channel started
+        with dt = softplus(0) = 0.69 instead of Mamba's log-uniform [1e-3, 0.1]. The vision model calls
+        this method after its own weight init so that the Mamba initialisation survives.
+        """
+        std = self.dt_rank**-0.5
+        for suffix in ("", "_b") if self.bidirectional else ("",):
+            dt_proj = getattr(self, f"dt_proj{suffix}")
+            nn.init.uniform_(dt_proj.weight, -std, std)
+            dt_proj.bias.copy_(_dt_bias_init(self.d_inner, *self._dt_range))
+
+    def _scan_branch(self, x: Tensor, z: Tensor, suffix: str) -> Tensor:
+        conv1d = getattr(self, f"conv1d{suffix}")
+        x_proj = getattr(self, f"x_proj{suffix}")
+        dt_proj = getattr(self, f"dt_proj{suffix}")
+        A_log = self.A_log if not suffix else self.A_b_log
+        D = getattr(self, f"D{suffix}")
+
+        length = x.shape[-1]
+        x = F.silu(conv1d(x)[..., :length])  # causal: drop the right padding
+        x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # dt_proj's bias is added inside the scan
+        return selective_scan(
+            x,
+            dt,
+            -torch.exp(A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=D.float(),
+            z=z,
+            delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
+            backend=self.backend,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MambaMixer expects (batch, L, {self.dim}), got {tuple(x.shape)}")
+        xz = self.in_proj(x).transpose(1, 2)  # (batch, 2*d_inner, L)
+        xs, z = xz.chunk(2, dim=1)
+        y = self._scan_branch(xs, z, "")
+        if self.bidirectional:
+            y = y + self._scan_branch(xs.flip(-1), z.flip(-1), "_b").flip(-1)
+        # The scan computes in fp32; go back to the residual stream's dtype (autocast re-casts anyway).
+        return self.out_proj(y.transpose(1, 2).to(x.dtype))

@@ -1,0 +1,267 @@
+"""Public selective-scan entry point and backend dispatch.
+
+Every backend computes the same function (mamba_ssm's ``selective_scan_fn``)::
+
+    delta = softplus(delta + delta_bias)        (each step optional)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t   = C_t . h_t + D * u_t
+    y     = y * silu(z)                           (when z is given)
+
+Backends:
+
+* ``reference`` - a readable sequential loop; the oracle for the tests.
+* ``torch``     - chunked log-depth scan in plain PyTorch; portable fallback.
+* ``cpu``       - fused C++/OpenMP kernel, compiled on first use (``emamba.ops.scan_cpu``).
+* ``triton``    - fused Triton kernels for CUDA tensors (``emamba.ops.scan_triton``).
+* ``mamba_ssm`` - the upstream CUDA kernel when that package is importable.
+
+The fused backends (``cpu`` and ``triton``) run behind one ``torch.library`` custom op with a registered
+autograd formula and fake implementation, so ``torch.compile`` traces through the model without a graph
+break at the scan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .scan_reference import selective_scan_reference, selective_scan_torch
+
+BACKENDS = ("reference", "torch", "cpu", "triton", "mamba_ssm")
+FUSED_BACKENDS = ("cpu", "triton")
+ENV_VAR = "EMAMBA_SCAN_BACKEND"
+
+_FUSED_MODULES = {"cpu": "emamba.ops.scan_cpu", "triton": "emamba.ops.scan_triton"}
+_availability: dict[str, tuple[bool, str]] = {}
+_warned_fallback = False
+
+
+def _fused_module(name: str):
+    return importlib.import_module(_FUSED_MODULES[name])
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """(available, reason) for one backend on this machine; cached after the first call."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r}; choose one of {BACKENDS + ('auto',)}")
+    if name not in _availability:
+        if name in ("reference", "torch"):
+            status = (True, "pure PyTorch")
+        elif name == "mamba_ssm":
+            try:
+                importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+                status = (torch.cuda.is_available(), "needs CUDA tensors")
+            except Exception as exc:  # ImportError or a broken CUDA build
+                status = (False, f"mamba_ssm not importable: {exc}")
+        else:
+            try:
+                status = _fused_module(name).is_available()
+            except Exception as exc:
+                status = (False, f"{type(exc).__name__}: {exc}")
+        _availability[name] = status
+    return _availability[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that work on this machine (``triton``/``mamba_ssm`` need a GPU)."""
+    return [name for name in BACKENDS if backend_status(name)[0]]
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn ``auto`` (or the ``EMAMBA_SCAN_BACKEND`` override) into a concrete backend name."""
+    global _warned_fallback
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    if backend != "auto":
+        ok, reason = backend_status(backend)
+        if not ok:
+            raise RuntimeError(f"scan backend {backend!r} is not available here: {reason}")
+        return backend
+    if device.type == "cuda":
+        for name in ("mamba_ssm", "triton"):
+            if backend_status(name)[0]:
+                return name
+        return "torch"
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        ok, reason = backend_status("cpu")
+        if ok:
+            return "cpu"
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(
+                "emamba: the fused CPU scan kernel is unavailable, falling back to the slower pure-PyTorch "
+                f"scan. Reason: {reason}. Fix: install a C++ compiler with OpenMP (e.g. `apt-get install "
+                "g++`) and `pip install ninja`, or silence this by setting EMAMBA_SCAN_BACKEND=torch.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return "torch"
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, d, L), got shape {tuple(u.shape)}")
+    batch, d, length = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (d={d}, n), got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    expected = {
+        "delta": (delta, (batch, d, length)),
+        "B": (B, (batch, n, length)),
+        "C": (C, (batch, n, length)),
+        "D": (D, (d,)),
+        "z": (z, (batch, d, length)),
+        "delta_bias": (delta_bias, (d,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    for name, tensor in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                         ("delta_bias", delta_bias)):
+        if tensor is not None and tensor.device != u.device:
+            raise ValueError(f"{name} is on {tensor.device} but u is on {u.device}")
+    if length == 0:
+        raise ValueError("the sequence length must be at least 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom op for the fused backends.
+# --------------------------------------------------------------------------------------------------
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("emamba::selective_scan_fwd", mutates_args=())
+def _fused_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    y, checkpoints = _fused_module(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return y, checkpoints
+
+
+@_fused_fwd.register_fake
+def _fused_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    batch, d, length = u.shape
+    shape = _fused_module(backend).checkpoint_shape(batch, d, length, A.shape[1])
+    return torch.empty_like(u), u.new_empty(shape)
+
+
+@torch.library.custom_op("emamba::selective_scan_bwd", mutates_args=())
+def _fused_bwd(
+    dout: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    checkpoints: Tensor,
+    delta_softplus: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _fused_module(backend).backward(
+        dout, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus
+    )
+    # custom ops cannot return None: absent optional inputs get an empty gradient placeholder.
+    return tuple(g if g is not None else u.new_empty(_EMPTY) for g in grads)
+
+
+@_fused_bwd.register_fake
+def _fused_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus, backend):
+    def like(t):
+        return torch.empty_like(t) if t is not None else u.new_empty(_EMPTY)
+
+    return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+    ctx.backend = backend
+
+
+def _fused_autograd(ctx, dout, _dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _fused_bwd(
+        dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, checkpoints, ctx.delta_softplus, ctx.backend
+    )
+    return (
+        du,
+        ddelta,
+        dA,
+        dB,
+        dC,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        ddelta_bias if delta_bias is not None else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("emamba::selective_scan_fwd", _fused_autograd, setup_context=_fused_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point.
+# --------------------------------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Selective scan with mamba_ssm's ``selective_scan_fn`` semantics.
+
+    Args:
+        u, delta, z: (batch, d, L). A: (d, n). B, C: (batch, n, L). D, delta_bias: (d,).
+        backend: ``auto`` (fastest available for the device and dtype; ``EMAMBA_SCAN_BACKEND`` overrides)
+            or one of :data:`BACKENDS`.
+
+    Returns:
+        y: (batch, d, L). Half-precision inputs (e.g. from bf16 autocast) are computed in fp32 and the
+        result is fp32: the recurrence is too long for bf16 accumulation.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    name = resolve_backend(backend, u.device, compute_dtype)
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C, D, z, delta_bias = (
+            t.to(compute_dtype) if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)
+        )
+        if name == "reference":
+            return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        if name == "torch":
+            return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        if name == "mamba_ssm":
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        tensors = [t.contiguous() if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
+        y, _ = _fused_fwd(*tensors, bool(delta_softplus), name)
+        return y
