@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.amp import autocast_disabled
+
 FFT_MODES = ("tokens_blocks", "tokens")
 
 
@@ -72,7 +74,7 @@ class EinFFT(nn.Module):
         batch, tokens, channels = x.shape
         in_dtype = x.dtype
         fft_dims = (1, 2) if self.fft_mode == "tokens_blocks" else (1,)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_disabled(x.device.type):
             h = x.float().reshape(batch, tokens, self.num_blocks, self.block_size)
             h = torch.fft.fftn(h, dim=fft_dims, norm="ortho")
             real, imag = _complex_block_linear(h.real, h.imag, self.complex_weight_1.float(), self.complex_bias_1.float())

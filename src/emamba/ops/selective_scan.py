@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .amp import autocast_disabled
 from .scan_reference import selective_scan_reference, selective_scan_torch
 
 BACKENDS = ("reference", "torch", "cpu", "triton", "mamba_ssm")
@@ -248,9 +249,11 @@ def selective_scan(
         result is fp32: the recurrence is too long for bf16 accumulation.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if u.device.type == "meta":  # shape propagation only (FLOP counting, deferred init)
+        return u.new_empty(u.shape, dtype=torch.float64 if u.dtype == torch.float64 else torch.float32)
     compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     name = resolve_backend(backend, u.device, compute_dtype)
-    with torch.autocast(u.device.type, enabled=False):
+    with autocast_disabled(u.device.type):
         u, delta, A, B, C, D, z, delta_bias = (
             t.to(compute_dtype) if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)
         )

@@ -1,0 +1,147 @@
+"""EinFFT, the Mamba mixer and the conv-MLP mixers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emamba.layers import ConvMlp, EinFFT, MambaMixer, Mlp
+
+
+def einfft_by_the_paper(module: EinFFT, x: torch.Tensor) -> torch.Tensor:
+    """Independent restatement of EinFFT with complex tensors and einsum (no stacked-real GEMM trick)."""
+    b, n, c = x.shape
+    h = x.reshape(b, n, module.num_blocks, module.block_size)
+    dims = (1, 2) if module.fft_mode == "tokens_blocks" else (1,)
+    h = torch.fft.fftn(h, dim=dims, norm="ortho")
+    w1 = torch.complex(module.complex_weight_1[0], module.complex_weight_1[1])
+    b1 = torch.complex(module.complex_bias_1[0], module.complex_bias_1[1])
+    w2 = torch.complex(module.complex_weight_2[0], module.complex_weight_2[1])
+    b2 = torch.complex(module.complex_bias_2[0], module.complex_bias_2[1])
+    h = torch.einsum("...bd,bdk->...bk", h, w1) + b1
+    h = torch.complex(F.relu(h.real), F.relu(h.imag))
+    h = torch.einsum("...bd,bdk->...bk", h, w2) + b2
+    h = torch.complex(F.softshrink(h.real, 0.01), F.softshrink(h.imag, 0.01))
+    return torch.fft.ifftn(h, dim=dims, norm="ortho").real.reshape(b, n, c)
+
+
+@pytest.mark.parametrize("dim", [8, 64, 448])
+def test_einfft_parameter_count(dim):
+    assert sum(p.numel() for p in EinFFT(dim).parameters()) == dim * dim + 4 * dim
+
+
+@pytest.mark.parametrize("fft_mode", ["tokens_blocks", "tokens"])
+def test_einfft_matches_complex_einsum_statement(fft_mode):
+    torch.manual_seed(0)
+    module = EinFFT(32, fft_mode=fft_mode)
+    with torch.no_grad():  # larger weights so that ReLU and soft-shrink are both active
+        for p in module.parameters():
+            p.mul_(10)
+    x = torch.randn(3, 17, 32)
+    out = module(x)
+    assert out.dtype == torch.float32 and not out.is_complex()
+    torch.testing.assert_close(out, einfft_by_the_paper(module, x), rtol=1e-5, atol=1e-5)
+
+
+def test_einfft_modes_differ_and_are_real():
+    torch.manual_seed(0)
+    a, b = EinFFT(16), EinFFT(16, fft_mode="tokens")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 9, 16)
+    assert not torch.allclose(a(x), b(x))
+
+
+def test_einfft_keeps_dtype_under_bf16_autocast():
+    module = EinFFT(16)
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), module(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def test_einfft_gradients_and_errors():
+    module = EinFFT(16)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    module(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in module.parameters())
+    with pytest.raises(ValueError, match="divisible"):
+        EinFFT(18)
+    with pytest.raises(ValueError, match="fft_mode"):
+        EinFFT(16, fft_mode="spatial")
+    with pytest.raises(ValueError, match="expects"):
+        module(torch.randn(2, 5, 12))
+
+
+def test_mamba_mixer_shapes_and_parameter_names():
+    torch.manual_seed(0)
+    mixer = MambaMixer(32, d_state=8)
+    assert mixer.dt_rank == math.ceil(32 / 16)
+    names = {n for n, _ in mixer.named_parameters()}
+    assert names == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+                     "dt_proj.bias", "A_log", "D", "out_proj.weight"}
+    assert mixer.in_proj.bias is None and mixer.out_proj.bias is None and mixer.x_proj.bias is None
+    torch.testing.assert_close(-torch.exp(mixer.A_log[0]), -torch.arange(1, 9, dtype=torch.float32))
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    y = mixer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert all(p.grad is not None for p in mixer.parameters())
+
+
+def test_mamba_dt_initialisation():
+    mixer = MambaMixer(64, d_state=4)
+    dt = F.softplus(mixer.dt_proj.bias.detach())
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    # log-uniform: the spread covers most of the two decades
+    assert dt.min() < 5e-3 and dt.max() > 2e-2
+
+
+def test_mamba_mixer_is_causal():
+    torch.manual_seed(0)
+    mixer = MambaMixer(16, d_state=4)
+    x = torch.randn(1, 10, 16)
+    x2 = x.clone()
+    x2[:, 6:] += 1.0
+    torch.testing.assert_close(mixer(x)[:, :6], mixer(x2)[:, :6])
+
+
+def test_bidirectional_mixer_sees_the_future():
+    torch.manual_seed(0)
+    mixer = MambaMixer(16, d_state=4, bidirectional=True)
+    names = {n for n, _ in mixer.named_parameters()}
+    assert {"conv1d_b.weight", "x_proj_b.weight", "dt_proj_b.bias", "A_b_log", "D_b"} <= names
+    x = torch.randn(1, 10, 16)
+    x2 = x.clone()
+    x2[:, 6:] += 1.0
+    assert not torch.allclose(mixer(x)[:, :6], mixer(x2)[:, :6])
+    uni = MambaMixer(16, d_state=4)
+    assert sum(p.numel() for p in mixer.parameters()) > sum(p.numel() for p in uni.parameters())
+
+
+def test_mamba_matches_reference_backend():
+    torch.manual_seed(0)
+    mixer = MambaMixer(16, d_state=8)
+    ref = MambaMixer(16, d_state=8, backend="reference")
+    ref.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, 40, 16)
+    torch.testing.assert_close(mixer(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_mamba_mixer_rejects_wrong_width():
+    with pytest.raises(ValueError, match="expects"):
+        MambaMixer(16)(torch.randn(2, 5, 8))
+
+
+def test_conv_mlp_and_mlp():
+    mixer = ConvMlp(8, 32)
+    x = torch.randn(2, 12, 8)
+    assert mixer(x, 3, 4).shape == x.shape
+    with pytest.raises(ValueError, match="grid"):
+        mixer(x, 4, 4)
+    assert Mlp(8, 32)(x).shape == x.shape
+    hidden = 32
+    assert sum(p.numel() for p in ConvMlp(8, hidden).parameters()) == 8 * hidden + hidden + 9 * hidden + hidden + hidden * 8 + 8

@@ -1,0 +1,82 @@
+"""EMamba-TS shapes, feature modes, the TSLib ``Model(configs)`` interface and gradients."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from emamba.layers import EinFFT, MambaMixer
+from emamba.models.forecasting import EMambaTS, Model, RevIN
+
+TINY = dict(d_model=8, e_layers=1, d_ff=16, d_state=4)
+
+
+@pytest.mark.parametrize("pred_len", [96, 192, 336, 720])
+@pytest.mark.parametrize("tokenization", ["patch", "variate"])
+def test_shapes_every_horizon(pred_len, tokenization):
+    model = EMambaTS(96, pred_len, 7, tokenization=tokenization, **TINY)
+    assert model(torch.randn(2, 96, 7)).shape == (2, pred_len, 7)
+
+
+@pytest.mark.parametrize("features, enc_in, c_out", [("M", 7, 7), ("S", 1, 1), ("MS", 7, 1)])
+def test_feature_modes(features, enc_in, c_out):
+    model = EMambaTS(48, 24, enc_in, c_out=c_out, **TINY)
+    x = torch.randn(3, 48, enc_in)
+    y = model(x)
+    assert y.shape == (3, 24, c_out)
+    if features == "MS":  # the target (last variate) is what comes out: same as the full model's last column
+        full = EMambaTS(48, 24, enc_in, **TINY)
+        full.load_state_dict(model.state_dict())
+        torch.testing.assert_close(full.eval()(x)[..., -1:], model.eval()(x))
+
+
+def test_reuses_library_layers():
+    model = EMambaTS(96, 96, 7, **TINY)
+    assert any(isinstance(m, MambaMixer) for m in model.modules())
+    assert any(isinstance(m, EinFFT) for m in model.modules())
+    assert model.blocks[0].token_mixer.d_inner == TINY["d_ff"]
+    assert model.num_tokens == 12  # (96 + 8 - 16) // 8 + 1 patches
+
+
+def test_revin_roundtrip_and_scale_equivariance():
+    revin = RevIN(3)
+    x = torch.randn(4, 50, 3) * 5 + 2
+    z, stats = revin.normalize(x)
+    torch.testing.assert_close(revin.denormalize(z, stats), x, rtol=1e-4, atol=1e-4)
+    model = EMambaTS(32, 8, 3, **TINY).eval()
+    x = torch.randn(2, 32, 3)
+    torch.testing.assert_close(model(x * 10 + 3), model(x) * 10 + 3, rtol=1e-3, atol=1e-3)
+
+
+def test_tslib_model_four_tensor_forward():
+    configs = SimpleNamespace(
+        task_name="long_term_forecast", seq_len=96, label_len=48, pred_len=192, enc_in=7, c_out=7,
+        d_model=8, e_layers=1, d_ff=16, dropout=0.1, patch_len=16, stride=8, d_state=4, revin=1,
+    )
+    model = Model(configs)
+    x_enc, x_mark = torch.randn(2, 96, 7), torch.randn(2, 96, 4)
+    x_dec, x_mark_dec = torch.zeros(2, 48 + 192, 7), torch.randn(2, 48 + 192, 4)
+    assert model(x_enc, x_mark, x_dec, x_mark_dec).shape == (2, 192, 7)
+    with pytest.raises(ValueError, match="forecasting tasks only"):
+        Model(SimpleNamespace(**{**vars(configs), "task_name": "imputation"}))
+
+
+def test_backward_reaches_every_parameter():
+    model = EMambaTS(96, 24, 7, **TINY)
+    loss = model(torch.randn(2, 96, 7)).pow(2).mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="divisible by einfft_blocks"):
+        EMambaTS(96, 96, 7, d_model=10)
+    with pytest.raises(ValueError, match="tokenization"):
+        EMambaTS(96, 96, 7, tokenization="pixel")
+    with pytest.raises(ValueError, match="c_out"):
+        EMambaTS(96, 96, 1, c_out=7)
+    with pytest.raises(ValueError, match="expects"):
+        EMambaTS(96, 96, 7, **TINY)(torch.randn(2, 48, 7))
