@@ -54,11 +54,11 @@ def _linear_conv_macs(module: nn.Module, out: torch.Tensor) -> int:
     return out.numel() * (module.in_channels // module.groups) * kernel
 
 
-def _scan_flops(batch: int, d: int, length: int, n: int) -> int:
+def scan_flops(batch: int, d: int, length: int, n: int) -> int:
     return batch * d * length * (7 * n + 12)
 
 
-def _fft_flops(length: int, transforms: int) -> int:
+def fft_flops(length: int, transforms: int) -> int:
     return int(5 * length * math.log2(length) * transforms) if length > 1 else 0
 
 
@@ -82,7 +82,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> FlopCount:
     def on_mamba(module: MambaMixer, inputs, out):
         batch, length, _ = inputs[0].shape
         branches = 2 if module.bidirectional else 1
-        result.add("selective_scan", branches * _scan_flops(batch, module.d_inner, length, module.d_state))
+        result.add("selective_scan", branches * scan_flops(batch, module.d_inner, length, module.d_state))
         result.add("elementwise", branches * batch * length * module.d_inner * 4)  # SiLU after the conv
 
     def on_einfft(module: EinFFT, inputs, out):
@@ -90,7 +90,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> FlopCount:
         nb, bs = module.num_blocks, module.block_size
         fft_len = tokens * nb if module.fft_mode == "tokens_blocks" else tokens
         transforms = batch * channels // (nb if module.fft_mode == "tokens_blocks" else 1)
-        result.add("fft", 2 * _fft_flops(fft_len, transforms))
+        result.add("fft", 2 * fft_flops(fft_len, transforms))
         values = batch * tokens * channels  # complex values per layer
         result.add("einfft_matmul", 2 * (2 * 4 * bs * values + 2 * values))
         result.add("elementwise", 2 * values * 1 + 2 * values * 2)  # ReLU (re, im) + soft-shrink (re, im)

@@ -1,0 +1,88 @@
+"""The `emamba` entry point: models, flops and benchmark subcommands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from emamba import cli
+from emamba.flops import model_flops
+
+# The paper's GMACs at 224 (Linear + Conv MACs): ours are within 2% (see README, "FLOPs").
+PAPER_GMACS = {"emamba_s": 2.45, "emamba_b": 4.19, "emamba_l": 7.58}
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_help_and_unknown_command(capsys):
+    assert cli.main([]) == 2
+    assert "forecast" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["nope"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_models_lists_every_variant(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, params in [("emamba_s", "15.31"), ("emamba_l_mlp", "66.76"), ("emamba_tiny", "1.34")]:
+        assert name in out and params in out
+
+
+def test_flops_json_keys(capsys):
+    assert cli.main(["flops", "emamba_s", "--json"]) == 0
+    row = last_json(capsys.readouterr().out)
+    assert set(row) >= {"params", "gmacs_paper", "gflops_full"}
+    assert row["params"] == 15309104
+    assert row["gflops_full"] > 2 * row["gmacs_paper"]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_GMACS))
+def test_paper_convention_gmacs_close_to_the_paper(name):
+    gmacs = model_flops(name).macs_paper / 1e9
+    assert abs(gmacs - PAPER_GMACS[name]) / PAPER_GMACS[name] < 0.02, gmacs
+
+
+def test_full_flops_count_the_scan_and_ffts():
+    count = model_flops("emamba_tiny", 64)
+    assert count.breakdown["selective_scan"] > 0 and count.breakdown["fft"] > 0
+    assert count.flops_full == sum(count.breakdown.values())
+    mlp = model_flops("emamba_s_mlp", 64)
+    assert "fft" not in mlp.breakdown
+
+
+def test_flops_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        cli.main(["flops", "resnet50"])
+
+
+@pytest.mark.parametrize("bench", ["infer", "train"])
+def test_benchmark_json_last_line(capsys, bench):
+    argv = ["benchmark", "--model", "emamba_tiny", "--bench", bench, "--batch-size", "2", "--img-size", "64",
+            "--num-warm-iter", "1", "--num-bench-iter", "2", "--json"]
+    assert cli.main(argv) == 0
+    row = last_json(capsys.readouterr().out)
+    assert {"samples_per_sec", "step_ms", "peak_mem_mb", "backend", "params", "gmacs_paper"} <= set(row)
+    assert row["samples_per_sec"] > 0 and row["backend"] in ("cpu", "torch")
+
+
+def test_benchmark_reference_backend_and_amp(capsys):
+    argv = ["benchmark", "--model", "emamba_tiny", "--bench", "train", "--batch-size", "2", "--img-size", "32",
+            "--backend", "reference", "--amp", "bf16", "--num-warm-iter", "1", "--num-bench-iter", "1", "--json"]
+    assert cli.main(argv) == 0
+    assert last_json(capsys.readouterr().out)["backend"] == "reference"
+
+
+def test_benchmark_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cli.main(["benchmark", "--model", "emamba_tiny", "--img-size", "100"])
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "emamba.cli", "models"], capture_output=True, text=True, check=True)
+    assert "emamba_b_mlp" in out.stdout
