@@ -6,14 +6,15 @@ The kernel (``csrc/selective_scan_cpu.cpp``) keeps memory at O(inputs): the forw
 thread-local buffer and runs the reverse recurrence over it.
 
 This module is the backend contract used by :mod:`emamba.ops.selective_scan`:
-``is_available``, ``checkpoint_shape``, ``forward`` and ``backward``. Elementwise pre/post-processing
-(``delta_bias``, ``softplus``, the ``silu(z)`` gate and their derivatives) is done here with ATen's
-vectorised kernels so that it matches PyTorch exactly; the C++ kernel only does the scan itself.
+``is_available``, ``checkpoint_shape``, ``forward`` and ``backward``. The ``delta_bias`` + ``softplus``
+prologue and its derivative are done here with ATen (exact PyTorch semantics, vectorised); the ``D`` skip
+and the ``silu(z)`` gate are fused into the kernel.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -28,7 +29,9 @@ from torch import Tensor
 CHUNK = 64
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "selective_scan_cpu.cpp")
-_BASE_FLAGS = ["-O3", "-ffp-contract=fast"]
+# -ffp-contract=fast: FMAs even in the ISO -std=c++NN mode torch compiles with (GCC then defaults to off).
+# -fno-trapping-math: lets GCC if-convert the selects in the polynomial exp, so its loops vectorise.
+_BASE_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno"]
 # Attempts in order: tuned for this CPU with OpenMP threads, then portable (no -march, SIMD pragmas only,
 # single-threaded) for compilers without an OpenMP runtime (e.g. Apple clang).
 _ATTEMPTS = (
@@ -69,31 +72,47 @@ def _build_name(tag: str, cflags: list[str], ldflags: list[str]) -> str:
     return f"emamba_scan_cpu_{tag}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
+def _failure_summary(exc: Exception) -> str:
+    # Build errors embed full compiler command lines; keep the diagnostic lines, each shortened.
+    text = str(exc).replace("[1/2]", "\n").replace("[2/2]", "\n")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "-isystem" not in ln]
+    keys = ("error", "not found", "fatal", "no such", "required", "failed")
+    picked = [ln for ln in lines if any(k in ln.lower() for k in keys)] or lines[-3:]
+    return f"{type(exc).__name__}: " + " | ".join(ln[:200] for ln in picked[:4])
+
+
 def _load():
     """Build (first call on this machine) or load the extension; raises on failure."""
     global _module
     if _module is not None:
         return _module
-    from torch.utils.cpp_extension import load
+    # cpp_extension logs warnings (CUDA_HOME without a CUDA runtime, compiler-ABI notes) that are noise
+    # for this CPU-only build; a failure is reported through the exception instead.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
 
-    errors = []
-    for tag, cflags, ldflags in _ATTEMPTS:
-        try:
-            _module = load(
-                name=_build_name(tag, cflags, ldflags),
-                sources=[_SOURCE],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                verbose=False,
-            )
-            if _module.chunk_size() != CHUNK:
-                raise RuntimeError(f"chunk size mismatch: C++ {_module.chunk_size()} vs Python {CHUNK}")
-            return _module
-        except Exception as exc:  # compiler missing, ninja missing, build error, ...
-            _module = None
-            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-            errors.append(f"[{tag}] {type(exc).__name__}: " + " | ".join(lines[-6:])[-600:])
-    raise RuntimeError("could not build the fused CPU scan extension: " + " ; ".join(errors))
+        errors = []
+        for tag, cflags, ldflags in _ATTEMPTS:
+            try:
+                module = load(
+                    name=_build_name(tag, cflags, ldflags),
+                    sources=[_SOURCE],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    verbose=False,
+                )
+                if module.chunk_size() != CHUNK:
+                    raise RuntimeError(f"chunk size mismatch: C++ {module.chunk_size()} vs Python {CHUNK}")
+                _module = module
+                return _module
+            except Exception as exc:  # compiler missing, ninja missing, build error, ...
+                errors.append(f"[{tag} build] {_failure_summary(exc)}")
+        raise RuntimeError("could not build the fused CPU scan extension: " + " ; ".join(errors))
+    finally:
+        cpp_logger.setLevel(level)
 
 
 def is_available() -> tuple[bool, str]:
@@ -105,7 +124,7 @@ def is_available() -> tuple[bool, str]:
                 try:
                     mod = _load()
                     _status = (True, f"compiled C++ kernel ({mod.__name__})")
-                except BaseException as exc:  # noqa: BLE001 - the contract is "never raises"
+                except Exception as exc:  # noqa: BLE001 - the contract is "never raises"
                     _status = (False, str(exc) or type(exc).__name__)
     return _status
 
@@ -124,6 +143,10 @@ def _ext():
 
 def _raw_delta(delta: Tensor, delta_bias: Optional[Tensor]) -> Tensor:
     return delta + delta_bias[None, :, None] if delta_bias is not None else delta
+
+
+def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
 
 
 def _transpose_bc(X: Tensor) -> Tensor:
@@ -148,13 +171,10 @@ def forward(
     dt = _raw_delta(delta, delta_bias)
     if delta_softplus:
         dt = F.softplus(dt)
-    y, checkpoints = ext.scan_fwd(
+    return tuple(ext.scan_fwd(
         u.contiguous(), dt.contiguous(), A.contiguous(), _transpose_bc(B), _transpose_bc(C),
-        D.contiguous() if D is not None else None,
-    )
-    if z is not None:
-        y.mul_(F.silu(z))
-    return y, checkpoints
+        _opt(D), _opt(z),
+    ))
 
 
 @torch.no_grad()
@@ -175,15 +195,12 @@ def backward(
     ext = _ext()
     raw = _raw_delta(delta, delta_bias)
     dt = F.softplus(raw) if delta_softplus else raw
-    dout = dout.contiguous()
-    dy = dout * F.silu(z) if z is not None else dout  # gradient arriving at y = C.h + D u
-    du, ddt, dA, dB, dC, dD, y = ext.scan_bwd(
-        dy, u.contiguous(), dt.contiguous(), A.contiguous(), _transpose_bc(B), _transpose_bc(C),
-        D.contiguous() if D is not None else None, checkpoints.contiguous(), z is not None,
+    du, ddt, dA, dB, dC, dD, dz = ext.scan_bwd(
+        dout.contiguous(), u.contiguous(), dt.contiguous(), A.contiguous(), _transpose_bc(B), _transpose_bc(C),
+        _opt(D), _opt(z), checkpoints.contiguous(),
     )
-    dz = None
-    if z is not None:
-        dz = torch.ops.aten.silu_backward(y.mul_(dout), z)
+    # The kernel differentiates wrt the effective step; chain through softplus (same threshold as
+    # F.softplus) and the bias with ATen so it matches PyTorch exactly.
     ddelta = torch.ops.aten.softplus_backward(ddt, raw, 1.0, 20.0) if delta_softplus else ddt
     ddelta_bias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
-    return du, ddelta, dA, dB, dC, (dD if D is not None else None), dz, ddelta_bias
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None, ddelta_bias)

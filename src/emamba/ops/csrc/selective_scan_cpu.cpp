@@ -1,28 +1,33 @@
 // Fused CPU selective scan (mamba_ssm's selective_scan_fn semantics), forward and backward.
 //
-//   h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   y_t = C_t . h_t + D * u_t
+//   h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   y_t = C_t . h_t + D * u_t,   out_t = y_t * silu(z_t)
 //
 // Design notes (the "why"):
-//  * Memory bound. A naive implementation materialises the states h as a (batch, d, L, n) tensor, which is
-//    n times larger than any input. Here the forward keeps h (n values) in a small per-row buffer and only
-//    writes the state at the end of every CHUNK steps ("checkpoints", (batch, d, ceil(L/CHUNK), n)). The
-//    backward walks the chunks in reverse, recomputes one chunk of states from the previous checkpoint into
-//    a thread-local CHUNK*n buffer (it stays in L1/L2), and runs the reverse recurrence for dh over it.
+//  * Memory. Materialising the states h as a (batch, d, L, n) tensor costs n times more memory than any
+//    input. The forward keeps a row's state (n values) in a small buffer and only writes the state at the
+//    end of every kChunk steps ("checkpoints", (batch, d, ceil(L/kChunk), n)). The backward walks the
+//    chunks in reverse, recomputes one chunk of states from the previous checkpoint into a thread-local
+//    kChunk*n buffer (it stays in L1/L2) and runs the reverse recurrence for dh over it.
 //  * Layout. For a fixed (b, d) we stream over t; B and C are (batch, n, L), so their columns for one t
-//    are strided by L. The wrapper hands us B and C transposed to (batch, L, n) (an O(batch*L*n) copy)
-//    so the inner loop over the state dimension n is contiguous and vectorises (`#pragma omp simd`).
-//  * exp(dt*A) per (t, n) is the dominant cost; for fp32 we use a branch-free polynomial exp that the
-//    compiler vectorises inside the simd loop (~1-2 ulp). fp64 uses std::exp (exactness for gradcheck).
-//  * Elementwise prologue/epilogue (delta_bias, softplus, silu(z) and their derivatives) are done by the
-//    Python wrapper with ATen's vectorised kernels, so they match PyTorch bit for bit; this file sees the
-//    effective dt and the gradient dy arriving at y.
-//  * Reductions. dA, dD are summed over batch and dB, dC over d. The batch loop is sequential and the
-//    parallel loop runs over blocks of d inside one batch element: dA[d], dD[d] are then owned by exactly
-//    one task (no race, no buffer). dB/dC use one (L, n) accumulator per block (nblocks <= threads),
-//    reduced and transposed into the output after each batch element. No (batch, d, n, L) buffer exists.
+//    are strided by L. The wrapper hands us B and C transposed to (batch, L, n) (an O(batch*L*n) copy) so
+//    the inner loops over the state dimension n are contiguous and vectorise (`#pragma omp simd`).
+//  * Chunk-major order. A task advances all of its rows (same batch element) through chunk c before
+//    moving to chunk c+1 (backward: c-1), so the kChunk*n slices of B, C (and of the dB/dC accumulators)
+//    are loaded from memory once per chunk and reused from cache by every row.
+//  * exp(dt*A) per (t, n) is the dominant cost: see Exp<float> (vectorised polynomial); computed in its
+//    own loop over the chunk, where the exps are independent and overlap well.
+//  * Elementwise work on (b, d, t) (the silu(z) gate and its derivative) is fused here per chunk; the
+//    delta_bias + softplus prologue and its derivative are left to ATen in the Python wrapper so they match
+//    PyTorch exactly; this file sees the effective step dt.
+//  * Reductions. dA, dD are summed over batch and dB, dC over d. Batch elements are processed one after
+//    another and the parallel loop runs over blocks of d inside one batch element: dA[d], dD[d] then have a
+//    single writer (no race, no buffer). dB/dC use one (L, 2, n) accumulator per block (blocks <= threads),
+//    summed and transposed into the output after each batch element. No (batch, d, n, L) buffer exists.
 
-#include <torch/extension.h>
+// Lighter than <torch/extension.h> (which pulls in all of libtorch's C++ API): cuts the one-time build.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,179 +38,242 @@
 namespace {
 
 constexpr int64_t kChunk = 64;  // keep in sync with CHUNK in scan_cpu.py
+// Minimum (time step x state) updates per parallel task: below this, waking the thread pool costs more
+// than the work (tiny calls, e.g. in gradcheck, would otherwise be dominated by OpenMP barriers).
+constexpr int64_t kMinTaskWork = int64_t(1) << 16;
 
 // ---------------------------------------------------------------------------------------------------
-// exp: branch-free for fp32 so that it vectorises in `omp simd` loops; std::exp for fp64.
+// exp. fp32: exp(x) = 2^(x*log2 e); callers pre-multiply A by log2(e) (kScale) once per row and chunk.
+// 2^x is evaluated branch-free so the compiler vectorises it inside `omp simd` loops: x = k + r with
+// k = round(x) (1.5*2^23 shifter), |r| <= 1/2; 2^r by a degree-6 polynomial fitted on [-1/2, 1/2];
+// 2^k written straight into the exponent bits. Max relative error ~1e-7 over the normal range. Edge
+// handling costs two ops: below 2^-127 the result is 0 (denormal results are flushed), k is clamped at
+// 128 so overflow gives +inf (from x >= 127.5 on), NaN propagates.
+// fp64: std::exp, exact agreement with the reference (gradcheck); speed is secondary there.
 // ---------------------------------------------------------------------------------------------------
-static inline __attribute__((always_inline)) float vexp(float x) {
-  // Cody-Waite range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-6 minimax polynomial
-  // (Cephes expf coefficients) and scaling by 2^k built directly in the exponent bits.
-  float xc = x < -87.33654f ? -87.33654f : x;  // ternaries (not fmin/fmax) so they map to min/max ops
-  xc = xc > 88.72283f ? 88.72283f : xc;
-  const float kf = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float out = p * scale;
-  out = x < -87.33654f ? 0.0f : out;            // underflow (true value is at most a denormal)
-  out = x > 88.72283f ? INFINITY : out;          // overflow
-  out = x != x ? x : out;                        // propagate NaN
-  return out;
-}
+template <typename T>
+struct Exp;
 
-static inline double vexp(double x) { return std::exp(x); }
+template <>
+struct Exp<float> {
+  static constexpr float kScale = 1.44269504088896341f;  // log2(e)
+  static inline __attribute__((always_inline)) float exp2(float x) {
+    const float xc = x < -127.0f ? -127.0f : x;  // NaN passes through; -127 gives scale 0 below
+    const float shifter = 12582912.0f;           // 1.5 * 2^23: (x + s) - s rounds x to an integer
+    const float t = xc + shifter;
+    const float kf = t - shifter;
+    const float r = xc - kf;
+    float p = 1.5346329018939286e-4f;
+    p = p * r + 1.3399935560300946e-3f;
+    p = p * r + 9.61848720908165e-3f;
+    p = p * r + 5.550328642129898e-2f;
+    p = p * r + 2.4022646248340607e-1f;
+    p = p * r + 6.931471824645996e-1f;
+    p = p * r + 1.0f;
+    // The low mantissa bits of t hold k (bits(t) = bits(s) + k) and bits(s) << 23 vanishes mod 2^32, so
+    // (bits(t) << 23) + (127 << 23) is the fp32 pattern of 2^k: k = -127 -> 0, k = 128 -> inf.
+    int32_t tb;
+    std::memcpy(&tb, &t, sizeof(tb));
+    const int32_t tmax = 0x4B400000 + 128;
+    tb = tb < tmax ? tb : tmax;
+    const uint32_t bits = (static_cast<uint32_t>(tb) << 23) + (127u << 23);
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+  }
+  // exp of a pre-scaled argument (x = y * kScale).
+  static inline __attribute__((always_inline)) float apply(float x) { return exp2(x); }
+  static inline __attribute__((always_inline)) float sigmoid(float z) {
+    return 1.0f / (1.0f + exp2(-z * kScale));
+  }
+};
+
+template <>
+struct Exp<double> {
+  static constexpr double kScale = 1.0;
+  static inline double apply(double x) { return std::exp(x); }
+  static inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+};
 
 inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
 
+// Decays exp(dt_t * A) for steps [t0, t1) into abuf ((t1 - t0, n)). A separate pass over the whole chunk
+// (no loop-carried dependency, no reduction) lets the core overlap many independent exp evaluations;
+// fused into the recurrence loop it runs measurably slower.
+template <typename T>
+inline void chunk_decays(const T* __restrict dt, const T* __restrict As, int64_t t0, int64_t t1, int64_t n,
+                         T* __restrict abuf) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const T dtt = dt[t];
+    T* __restrict ar = abuf + (t - t0) * n;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) ar[k] = Exp<T>::apply(dtt * As[k]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
-// Forward for one (b, d) row.
-//   u, dt, y: length L (row of the (batch, d, L) tensors); A: n; Bt, Ct: (L, n); ckpt: (nchunks, n).
-//   y receives C.h + D*u (the silu(z) gate is applied by the wrapper).
+// Forward of steps [t0, t1) of one (b, d) row, carrying the state h (n) in place.
+//   u, dt, z, out: the row of the (batch, d, L) tensors (z may be null); As: A[d] * Exp<T>::kScale;
+//   Bt, Ct: (L, n); abuf: kChunk * n scratch.
 // ---------------------------------------------------------------------------------------------------
 template <typename T>
-void forward_row(const T* __restrict u, const T* __restrict dt, const T* __restrict A,
-                 const T* __restrict Bt, const T* __restrict Ct, T Dd, int64_t L, int64_t n,
-                 T* __restrict y, T* __restrict ckpt, T* __restrict h) {
-  for (int64_t k = 0; k < n; ++k) h[k] = T(0);
-  const int64_t nc = num_chunks(L);
-  for (int64_t c = 0; c < nc; ++c) {
-    const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
-    for (int64_t t = t0; t < t1; ++t) {
-      const T dtt = dt[t];
-      const T ut = u[t];
-      const T du = dtt * ut;
-      const T* __restrict b = Bt + t * n;
+inline void forward_chunk(const T* __restrict u, const T* __restrict dt, const T* __restrict z,
+                          const T* __restrict As, const T* __restrict Bt, const T* __restrict Ct, T Dd,
+                          int64_t t0, int64_t t1, int64_t n, T* __restrict out, T* __restrict h,
+                          T* __restrict abuf) {
+  chunk_decays<T>(dt, As, t0, t1, n, abuf);
+  for (int64_t t = t0; t < t1; ++t) {
+    const T ut = u[t];
+    const T du = dt[t] * ut;
+    const T* __restrict ar = abuf + (t - t0) * n;
+    const T* __restrict b = Bt + t * n;
+    const T* __restrict cc = Ct + t * n;
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < n; ++k) {
+      const T hk = ar[k] * h[k] + du * b[k];
+      h[k] = hk;
+      acc += cc[k] * hk;
+    }
+    out[t] = acc + Dd * ut;
+  }
+  if (z) {
+#pragma omp simd
+    for (int64_t t = t0; t < t1; ++t) out[t] *= z[t] * Exp<T>::sigmoid(z[t]);
+  }
+}
+
+// Scratch owned by one backward task (allocated once per task, reused across rows and chunks).
+template <typename T>
+struct BwdScratch {
+  std::vector<T> HA;    // states h_t and decays exp(dt_t A) of the current chunk, (kChunk, n) each
+  T* H;                 // (the decays start a few cache lines after the states, so the two arrays are
+  T* Adec;              //  not 4 KiB-aliased: same-offset loads/stores would falsely depend on each other)
+  std::vector<T> zero;  // (n): h_{-1}
+  std::vector<T> As;    // (n): scaled A row
+  std::vector<T> ys;    // (kChunk): C.h of the chunk (needed for dz)
+  std::vector<T> gy;    // (kChunk): gradient arriving at y = C.h + D u
+  std::vector<T> sg;    // (kChunk): sigmoid(z)
+  std::vector<T> dh;    // (rows, n): running dL/dh per row of the block, carried across chunks
+  std::vector<T> dA;    // (rows, n): dA accumulators per row of the block
+  std::vector<T> dD;    // (rows)
+  BwdScratch(int64_t n, int64_t rows)
+      : HA(2 * kChunk * n + 64), zero(n, T(0)), As(n), ys(kChunk), gy(kChunk), sg(kChunk),
+        dh(rows * n, T(0)), dA(rows * n, T(0)), dD(rows, T(0)) {
+    H = HA.data();
+    Adec = HA.data() + kChunk * n + 64;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Backward of steps [t0, t1) of one (b, d) row.
+//   dout: gradient wrt out. h_start: state entering the chunk (previous checkpoint, or zeros).
+//   dh (n): in: dL/dh_{t1-1} through later chunks; out: the same for h_{t0-1}.
+//   Writes du, ddt (gradient wrt the effective dt) and dz (if z) on [t0, t1); accumulates dA_row (n),
+//   *dD_row and the block accumulator dBC ((L, 2, n): dB and dC interleaved per time step).
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+inline void backward_chunk(const T* __restrict u, const T* __restrict dt, const T* __restrict z,
+                           const T* __restrict A, const T* __restrict Bt, const T* __restrict Ct, T Dd,
+                           const T* __restrict dout, const T* __restrict h_start, int64_t t0, int64_t t1,
+                           int64_t n, T* __restrict du, T* __restrict ddt, T* __restrict dz,
+                           T* __restrict dh, T* __restrict dA_row, T* dD_row, T* __restrict dBC,
+                           BwdScratch<T>& s) {
+  T* __restrict H = s.H;
+  T* __restrict Adec = s.Adec;
+  T* __restrict As = s.As.data();
+  T* __restrict ys = s.ys.data();
+  T* __restrict gy = s.gy.data();
+  T* __restrict sg = s.sg.data();
+  const int64_t len = t1 - t0;
+  for (int64_t k = 0; k < n; ++k) As[k] = A[k] * Exp<T>::kScale;
+
+  // 1) Gradient arriving at y: out = y * silu(z)  =>  dL/dy = dout * silu(z) (needs no state).
+  if (z) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const T zi = z[t0 + i];
+      const T sgi = Exp<T>::sigmoid(zi);
+      sg[i] = sgi;
+      gy[i] = dout[t0 + i] * zi * sgi;
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) gy[i] = dout[t0 + i];
+  }
+
+  // 2) Recompute the chunk's decays and states from the checkpoint (same arithmetic as the forward, so
+  //    they are bit-identical to the forward's). dC_t += dL/dy_t * h_t is accumulated here, while h_t is
+  //    in a register, which keeps the (heavier) reverse loop lighter.
+  chunk_decays<T>(dt, As, t0, t1, n, Adec);
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t t = t0 + i;
+    const T dut = dt[t] * u[t];
+    const T gyi = gy[i];
+    const T* __restrict b = Bt + t * n;
+    const T* __restrict ar = Adec + i * n;
+    const T* __restrict prev = i == 0 ? h_start : H + (i - 1) * n;
+    T* __restrict hr = H + i * n;
+    T* __restrict dCr = dBC + (2 * t + 1) * n;
+    if (z) {
       const T* __restrict cc = Ct + t * n;
       T acc = T(0);
 #pragma omp simd reduction(+ : acc)
       for (int64_t k = 0; k < n; ++k) {
-        const T a = vexp(dtt * A[k]);
-        const T hk = a * h[k] + du * b[k];
-        h[k] = hk;
+        const T hk = ar[k] * prev[k] + dut * b[k];
+        hr[k] = hk;
         acc += cc[k] * hk;
+        dCr[k] += gyi * hk;
       }
-      y[t] = acc + Dd * ut;
-    }
-    T* __restrict dst = ckpt + c * n;
-    for (int64_t k = 0; k < n; ++k) dst[k] = h[k];
-  }
-}
-
-// Scratch owned by one task of the backward (sized once per parallel_for call, reused across rows).
-template <typename T>
-struct BwdScratch {
-  std::vector<T> H;     // (kChunk, n): states h_t of the current chunk
-  std::vector<T> Adec;  // (kChunk, n): decays exp(dt_t A) of the current chunk
-  std::vector<T> zero;  // (n): h_{-1}
-  std::vector<T> dh;    // (n): running gradient wrt the state
-  std::vector<T> dAl;   // (n): dA accumulator for this row
-  std::vector<T> ys;    // (kChunk): C.h for the chunk (only when y is requested)
-  explicit BwdScratch(int64_t n)
-      : H(kChunk * n), Adec(kChunk * n), zero(n, T(0)), dh(n), dAl(n), ys(kChunk) {}
-};
-
-// ---------------------------------------------------------------------------------------------------
-// Backward for one (b, d) row.
-//   dy: gradient arriving at y = C.h + D u (already multiplied by silu(z) by the wrapper).
-//   Writes du, ddt (gradient wrt the effective dt) and, if y_out, the recomputed y (for dz).
-//   Accumulates into dA_d (n), *dD_d, and the block accumulators dBacc, dCacc ((L, n)).
-// ---------------------------------------------------------------------------------------------------
-template <typename T>
-void backward_row(const T* __restrict u, const T* __restrict dt, const T* __restrict A,
-                  const T* __restrict Bt, const T* __restrict Ct, T Dd, const T* __restrict dy,
-                  const T* __restrict ckpt, int64_t L, int64_t n, T* __restrict du, T* __restrict ddt,
-                  T* __restrict y_out, T* __restrict dA_d, T* dD_d, T* __restrict dBacc,
-                  T* __restrict dCacc, BwdScratch<T>& s) {
-  T* __restrict H = s.H.data();
-  T* __restrict Adec = s.Adec.data();
-  T* __restrict dh = s.dh.data();
-  T* __restrict dAl = s.dAl.data();
-  T* __restrict ys = s.ys.data();
-  for (int64_t k = 0; k < n; ++k) {
-    dh[k] = T(0);
-    dAl[k] = T(0);
-  }
-  T dD_acc = T(0);
-  const int64_t nc = num_chunks(L);
-  for (int64_t c = nc - 1; c >= 0; --c) {
-    const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
-    const T* __restrict h_start = c == 0 ? s.zero.data() : ckpt + (c - 1) * n;
-
-    // 1) Recompute the chunk's decays and states from the checkpoint (same arithmetic as the forward,
-    //    so the states are bit-identical to the ones the forward produced).
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t - t0;
-      const T dtt = dt[t];
-      const T dut = dtt * u[t];
-      const T* __restrict b = Bt + t * n;
-      const T* __restrict prev = i == 0 ? h_start : H + (i - 1) * n;
-      T* __restrict hr = H + i * n;
-      T* __restrict ar = Adec + i * n;
-      if (y_out) {
-        const T* __restrict cc = Ct + t * n;
-        T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < n; ++k) {
-          const T a = vexp(dtt * A[k]);
-          const T hk = a * prev[k] + dut * b[k];
-          ar[k] = a;
-          hr[k] = hk;
-          acc += cc[k] * hk;
-        }
-        ys[i] = acc;
-      } else {
+      ys[i] = acc;
+    } else {
 #pragma omp simd
-        for (int64_t k = 0; k < n; ++k) {
-          const T a = vexp(dtt * A[k]);
-          ar[k] = a;
-          hr[k] = a * prev[k] + dut * b[k];
-        }
-      }
-    }
-
-    // 2) Reverse recurrence over the chunk. dh holds dL/dh_t (including the contribution through h_{t+1}).
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      const int64_t i = t - t0;
-      const T dyt = dy[t];
-      const T ut = u[t];
-      const T dtt = dt[t];
-      const T dtu = dtt * ut;
-      const T* __restrict b = Bt + t * n;
-      const T* __restrict cc = Ct + t * n;
-      const T* __restrict hr = H + i * n;
-      const T* __restrict ar = Adec + i * n;
-      const T* __restrict prev = i == 0 ? h_start : H + (i - 1) * n;
-      T* __restrict dBr = dBacc + t * n;
-      T* __restrict dCr = dCacc + t * n;
-      T sA = T(0), sB = T(0);
-#pragma omp simd reduction(+ : sA, sB)
       for (int64_t k = 0; k < n; ++k) {
-        const T g = dh[k] + dyt * cc[k];  // total dL/dh_t
-        dCr[k] += dyt * hr[k];
-        const T q = g * ar[k] * prev[k];  // dL/d(dt*A_k) through the decay
-        sA += A[k] * q;
-        dAl[k] += dtt * q;
-        sB += g * b[k];
-        dBr[k] += g * dtu;
-        dh[k] = ar[k] * g;  // pass to h_{t-1}
+        const T hk = ar[k] * prev[k] + dut * b[k];
+        hr[k] = hk;
+        dCr[k] += gyi * hk;
       }
-      ddt[t] = sA + ut * sB;
-      du[t] = dtt * sB + Dd * dyt;
-      dD_acc += dyt * ut;
-      if (y_out) y_out[t] = ys[i] + Dd * ut;
     }
   }
-  for (int64_t k = 0; k < n; ++k) dA_d[k] += dAl[k];
-  *dD_d += dD_acc;
+
+  // 3) dL/dz = dout * y * silu'(z), with y = C.h + D u recomputed above.
+  if (z) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const T zi = z[t0 + i];
+      const T y = ys[i] + Dd * u[t0 + i];
+      dz[t0 + i] = dout[t0 + i] * y * sg[i] * (T(1) + zi * (T(1) - sg[i]));
+    }
+  }
+
+  // 4) Reverse recurrence over the chunk. On entry to step t, dh = dL/dh_t through h_{t+1}.
+  T dD_acc = T(0);
+  for (int64_t i = len - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const T dyt = gy[i];
+    const T ut = u[t];
+    const T dtt = dt[t];
+    const T dtu = dtt * ut;
+    const T* __restrict b = Bt + t * n;
+    const T* __restrict cc = Ct + t * n;
+    const T* __restrict ar = Adec + i * n;
+    const T* __restrict prev = i == 0 ? h_start : H + (i - 1) * n;
+    T* __restrict dBr = dBC + 2 * t * n;
+    T sA = T(0), sB = T(0);
+#pragma omp simd reduction(+ : sA, sB)
+    for (int64_t k = 0; k < n; ++k) {
+      const T g = dh[k] + dyt * cc[k];  // total dL/dh_t
+      const T q = g * ar[k] * prev[k];  // dL/d(dt*A_k) through the decay
+      sA += A[k] * q;
+      dA_row[k] += dtt * q;
+      sB += g * b[k];
+      dBr[k] += g * dtu;
+      dh[k] = ar[k] * g;  // pass on to h_{t-1}
+    }
+    ddt[t] = sA + ut * sB;
+    du[t] = dtt * sB + Dd * dyt;
+    dD_acc += dyt * ut;
+  }
+  *dD_row += dD_acc;
 }
 
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
@@ -216,11 +284,11 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
 
 }  // namespace
 
-// u, dt: (batch, d, L) with dt the *effective* step (bias added, softplus applied); A: (d, n);
-// Bt, Ct: (batch, L, n) (transposed); D: optional (d,). Returns (y, checkpoints).
+// u, dt, z: (batch, d, L) with dt the *effective* step (bias added, softplus applied); A: (d, n);
+// Bt, Ct: (batch, L, n) (transposed); D: (d,). D and z optional. Returns (out, checkpoints).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
-                                 const at::Tensor& Bt, const at::Tensor& Ct,
-                                 const std::optional<at::Tensor>& D) {
+                                 const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& z) {
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "selective_scan_cpu supports float32/float64");
   check(u, "u", dtype);
@@ -229,9 +297,10 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& dt, cons
   check(Bt, "B", dtype);
   check(Ct, "C", dtype);
   if (D) check(*D, "D", dtype);
+  if (z) check(*z, "z", dtype);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
   const int64_t nc = num_chunks(L);
-  auto y = at::empty_like(u);
+  auto out = at::empty_like(u);
   auto ckpt = at::empty({batch, d, nc, n}, u.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "selective_scan_cpu_fwd", [&] {
     using T = scalar_t;
@@ -241,30 +310,51 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& dt, cons
     const T* Bp = Bt.data_ptr<T>();
     const T* Cp = Ct.data_ptr<T>();
     const T* Dp = D ? D->data_ptr<T>() : nullptr;
-    T* yp = y.data_ptr<T>();
+    const T* zp = z ? z->data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
     T* cp = ckpt.data_ptr<T>();
-    // Rows are independent in the forward: parallelise over batch*d.
-    at::parallel_for(0, batch * d, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> h(n);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / d, di = r % d;
-        forward_row<T>(up + r * L, dtp + r * L, Ap + di * n, Bp + b * L * n, Cp + b * L * n,
-                       Dp ? Dp[di] : T(0), L, n, yp + r * L, cp + r * nc * n, h.data());
+    // Rows (b, d) are independent in the forward: parallelise over batch*d. Within a task, rows that
+    // share b advance chunk by chunk together; between chunks a row's state lives in its checkpoint slot,
+    // which is exactly what the backward needs.
+    const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, L * n));
+    at::parallel_for(0, batch * d, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> h(n), As(n), abuf(kChunk * n);
+      for (int64_t g0 = begin; g0 < end;) {
+        const int64_t b = g0 / d;
+        const int64_t g1 = std::min(end, (b + 1) * d);  // rows [g0, g1) share batch element b
+        const T* Bb = Bp + b * L * n;
+        const T* Cb = Cp + b * L * n;
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
+          for (int64_t r = g0; r < g1; ++r) {
+            const int64_t di = r % d;
+            T* ck = cp + r * nc * n;
+            for (int64_t k = 0; k < n; ++k) {
+              h[k] = c == 0 ? T(0) : ck[(c - 1) * n + k];
+              As[k] = Ap[di * n + k] * Exp<T>::kScale;
+            }
+            forward_chunk<T>(up + r * L, dtp + r * L, zp ? zp + r * L : nullptr, As.data(), Bb, Cb,
+                             Dp ? Dp[di] : T(0), t0, t1, n, op + r * L, h.data(), abuf.data());
+            std::copy(h.begin(), h.end(), ck + c * n);
+          }
+        }
+        g0 = g1;
       }
     });
   });
-  return {y, ckpt};
+  return {out, ckpt};
 }
 
-// dy: (batch, d, L) gradient wrt y = C.h + D u; other arguments as in scan_fwd, plus the checkpoints.
-// Returns (du, ddt, dA, dB, dC, dD, y): dB, dC in the original (batch, n, L) layout; ddt is wrt the
-// effective dt; dD is empty when D is absent; y (C.h + D u, recomputed) is empty unless want_y.
-std::vector<at::Tensor> scan_bwd(const at::Tensor& dy, const at::Tensor& u, const at::Tensor& dt,
+// dout: (batch, d, L) gradient wrt out; other arguments as in scan_fwd, plus the checkpoints.
+// Returns (du, ddt, dA, dB, dC, dD, dz): dB, dC in the original (batch, n, L) layout; ddt is wrt the
+// effective dt; dD / dz are empty tensors when D / z are absent.
+std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& dt,
                                  const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
-                                 const std::optional<at::Tensor>& D, const at::Tensor& ckpt, bool want_y) {
+                                 const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                 const at::Tensor& ckpt) {
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "selective_scan_cpu supports float32/float64");
-  check(dy, "dout", dtype);
+  check(dout, "dout", dtype);
   check(u, "u", dtype);
   check(dt, "delta", dtype);
   check(A, "A", dtype);
@@ -272,6 +362,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dy, const at::Tensor& u, cons
   check(Ct, "C", dtype);
   check(ckpt, "checkpoints", dtype);
   if (D) check(*D, "D", dtype);
+  if (z) check(*z, "z", dtype);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
   const int64_t nc = num_chunks(L);
   TORCH_CHECK(ckpt.dim() == 4 && ckpt.size(0) == batch && ckpt.size(1) == d && ckpt.size(2) == nc &&
@@ -283,23 +374,25 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dy, const at::Tensor& u, cons
   auto dA = at::zeros_like(A);
   auto dB = at::empty({batch, n, L}, u.options());
   auto dC = at::empty({batch, n, L}, u.options());
-  // dD is always accumulated (cheap); returned empty when D is absent.
-  auto dD = at::zeros({d}, u.options());
-  auto y = want_y ? at::empty_like(u) : at::empty({0}, u.options());
+  auto dD = at::zeros({d}, u.options());  // always accumulated (cheap); returned empty without D
+  auto dz = z ? at::empty_like(u) : at::empty({0}, u.options());
 
-  // One (L, n) accumulator pair per block of d; at most one block per thread.
-  const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d));
-  auto acc = at::empty({2, nblk, L, n}, u.options());
+  // One (L, 2, n) dB/dC accumulator per block of d rows; at most one block per thread. This is the only
+  // O(L*n) scratch: blocks * 2 * L * n values, independent of d and batch.
+  const int64_t nblk = std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), d, d * L * n / kMinTaskWork}));
+  auto acc = at::empty({nblk, L, 2, n}, u.options());
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "selective_scan_cpu_bwd", [&] {
     using T = scalar_t;
-    const T* dyp = dy.data_ptr<T>();
+    const T* doutp = dout.data_ptr<T>();
     const T* up = u.data_ptr<T>();
     const T* dtp = dt.data_ptr<T>();
     const T* Ap = A.data_ptr<T>();
     const T* Bp = Bt.data_ptr<T>();
     const T* Cp = Ct.data_ptr<T>();
     const T* Dp = D ? D->data_ptr<T>() : nullptr;
+    const T* zp = z ? z->data_ptr<T>() : nullptr;
     const T* ckp = ckpt.data_ptr<T>();
     T* dup = du.data_ptr<T>();
     T* ddtp = ddt.data_ptr<T>();
@@ -307,58 +400,65 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dy, const at::Tensor& u, cons
     T* dBp = dB.data_ptr<T>();
     T* dCp = dC.data_ptr<T>();
     T* dDp = dD.data_ptr<T>();
-    T* yp = want_y ? y.data_ptr<T>() : nullptr;
-    T* accB = acc.data_ptr<T>();
-    T* accC = accB + nblk * L * n;
+    T* dzp = z ? dz.data_ptr<T>() : nullptr;
+    T* accp = acc.data_ptr<T>();
     const int64_t LN = L * n;
 
+    // Batch elements one after another; inside, blocks of d in parallel. Block j owns rows
+    // [j*d/nblk, (j+1)*d/nblk) of this batch element and accumulator j, so dA[d], dD[d] (summed over
+    // batch) have a single writer at any time and dB/dC (summed over d) never race.
     for (int64_t b = 0; b < batch; ++b) {
-      // Phase 1: blocks of d in parallel; block j owns rows [j*d/nblk, (j+1)*d/nblk) and accumulator j.
+      const T* Bb = Bp + b * LN;
+      const T* Cb = Cp + b * LN;
       at::parallel_for(0, nblk, 1, [&](int64_t jb, int64_t je) {
-        BwdScratch<T> scratch(n);
         for (int64_t j = jb; j < je; ++j) {
-          T* aB = accB + j * LN;
-          T* aC = accC + j * LN;
-          std::fill(aB, aB + LN, T(0));
-          std::fill(aC, aC + LN, T(0));
+          T* aBC = accp + j * 2 * LN;
+          std::fill(aBC, aBC + 2 * LN, T(0));
           const int64_t d0 = j * d / nblk, d1 = (j + 1) * d / nblk;
+          BwdScratch<T> s(n, d1 - d0);
+          for (int64_t c = nc - 1; c >= 0; --c) {
+            const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
+            for (int64_t di = d0; di < d1; ++di) {
+              const int64_t r = b * d + di, i = di - d0;
+              const T* h_start = c == 0 ? s.zero.data() : ckp + (r * nc + c - 1) * n;
+              backward_chunk<T>(up + r * L, dtp + r * L, zp ? zp + r * L : nullptr, Ap + di * n, Bb, Cb,
+                                Dp ? Dp[di] : T(0), doutp + r * L, h_start, t0, t1, n, dup + r * L,
+                                ddtp + r * L, dzp ? dzp + r * L : nullptr, s.dh.data() + i * n,
+                                s.dA.data() + i * n, s.dD.data() + i, aBC, s);
+            }
+          }
           for (int64_t di = d0; di < d1; ++di) {
-            const int64_t r = b * d + di;
-            backward_row<T>(up + r * L, dtp + r * L, Ap + di * n, Bp + b * LN, Cp + b * LN,
-                            Dp ? Dp[di] : T(0), dyp + r * L, ckp + r * nc * n, L, n, dup + r * L,
-                            ddtp + r * L, yp ? yp + r * L : nullptr, dAp + di * n, dDp + di, aB, aC, scratch);
+            const int64_t i = di - d0;
+            for (int64_t k = 0; k < n; ++k) dAp[di * n + k] += s.dA[i * n + k];
+            dDp[di] += s.dD[i];
           }
         }
       });
-      // Phase 2: sum the block accumulators and transpose (L, n) -> (n, L), in tiles of time steps.
+      // Sum the block accumulators and transpose (L, 2, n) -> 2 x (n, L), in tiles of time steps.
       constexpr int64_t kTile = 64;
-      at::parallel_for(0, (L + kTile - 1) / kTile, 1, [&](int64_t tb, int64_t te) {
-        std::vector<T> sB(kTile * n), sC(kTile * n);
+      const int64_t tile_grain = std::max<int64_t>(1, kMinTaskWork / (kTile * n * nblk));
+      at::parallel_for(0, (L + kTile - 1) / kTile, tile_grain, [&](int64_t tb, int64_t te) {
+        std::vector<T> sum(kTile * 2 * n);
         for (int64_t tile = tb; tile < te; ++tile) {
           const int64_t t0 = tile * kTile, t1 = std::min(L, t0 + kTile), len = t1 - t0;
-          std::copy(accB + t0 * n, accB + t1 * n, sB.begin());
-          std::copy(accC + t0 * n, accC + t1 * n, sC.begin());
+          std::copy(accp + t0 * 2 * n, accp + t1 * 2 * n, sum.begin());
           for (int64_t j = 1; j < nblk; ++j) {
-            const T* aB = accB + j * LN + t0 * n;
-            const T* aC = accC + j * LN + t0 * n;
-            for (int64_t i = 0; i < len * n; ++i) {
-              sB[i] += aB[i];
-              sC[i] += aC[i];
-            }
+            const T* a = accp + j * 2 * LN + t0 * 2 * n;
+            for (int64_t i = 0; i < len * 2 * n; ++i) sum[i] += a[i];
           }
           for (int64_t k = 0; k < n; ++k) {
             T* oB = dBp + (b * n + k) * L + t0;
             T* oC = dCp + (b * n + k) * L + t0;
             for (int64_t i = 0; i < len; ++i) {
-              oB[i] = sB[i * n + k];
-              oC[i] = sC[i * n + k];
+              oB[i] = sum[(2 * i) * n + k];
+              oC[i] = sum[(2 * i + 1) * n + k];
             }
           }
         }
       });
     }
   });
-  return {du, ddt, dA, dB, dC, D ? dD : at::empty({0}, u.options()), y};
+  return {du, ddt, dA, dB, dC, D ? dD : at::empty({0}, u.options()), dz};
 }
 
 int64_t chunk_size() { return kChunk; }
