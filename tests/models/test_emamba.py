@@ -8,6 +8,8 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from timm.optim import create_optimizer_v2
 
 import emamba
 import emamba.models.emamba as emamba_mod
@@ -206,13 +208,13 @@ def test_pretrained_cfg_and_timm_helpers():
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.96
     assert cfg["interpolation"] == "bicubic" and cfg["first_conv"] == "stem.conv.0"
-    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
+    assert cfg["mean"] == IMAGENET_DEFAULT_MEAN and cfg["std"] == IMAGENET_DEFAULT_STD
     no_wd = model.no_weight_decay()
     assert "stages.0.blocks.0.token_mixer.A_log" in no_wd and "class_block.token_mixer.D" in no_wd
     # timm's optimizer factory and layer-decay grouping accept the model
-    timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.9)
-    data_cfg = timm.data.resolve_data_config({}, model=model)
+    create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.9)
+    data_cfg = resolve_data_config({}, model=model)
     assert data_cfg["crop_pct"] == 0.96
 
 

@@ -286,8 +286,9 @@ class EMamba(nn.Module):
         return dict(
             stem=r"^stem",
             blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", None),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^stages\.(\d+)\.(downsample|norm)", (0,)),
+                (r"^stages\.(\d+)\.norm", (99999,)),
                 (r"^class_block|^norm", (99999,)),
             ],
         )
