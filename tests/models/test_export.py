@@ -34,3 +34,17 @@ def test_torch_export_round_trip(model_and_input):
     assert any("emamba.selective_scan_fwd" in t for t in targets), "the scan should stay one custom op"
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_in_a_fresh_process():
+    """Backend resolution (import + kernel build checks) must not be traced on the first call."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, timm, emamba\n"
+        "m = timm.create_model('emamba_tiny').eval(); x = torch.randn(1, 3, 32, 32)\n"
+        "c = torch.compile(m, fullgraph=True, backend='aot_eager')\n"
+        "with torch.no_grad(): torch.testing.assert_close(c(x), m(x))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
