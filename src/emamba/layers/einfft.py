@@ -17,21 +17,24 @@ from ..ops.amp import autocast_disabled
 FFT_MODES = ("tokens_blocks", "tokens")
 
 
-def _complex_block_linear(x_real: Tensor, x_imag: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """(x_real + i x_imag) @ (W_r + i W_i) + (b_r + i b_i) for every channel block at once.
+def _complex_block_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x @ (W_r + i W_i) + (b_r + i b_i) for every channel block at once, as one complex batched GEMM.
 
-    x_*: (..., num_blocks, block_size); weight: (2, num_blocks, block_size, block_size);
-    bias: (2, num_blocks, block_size). The real and imaginary halves are stacked into one real matmul
-    per block, [x_r, x_i] @ [[W_r, W_i], [-W_i, W_r]], so each layer is a single batched GEMM.
+    x: complex (..., num_blocks, block_size), any strides; weight: (2, num_blocks, block_size, block_size);
+    bias: (2, num_blocks, block_size). The complex weights are packed once per call (a tiny copy); the
+    GEMM reads x through its strides and the complex product does exactly
+    (x_r W_r - x_i W_i) + i (x_r W_i + x_i W_r), what the released real/imaginary formulation computes,
+    without splitting x into halves or concatenating them back.
     """
-    w_r, w_i = weight[0], weight[1]
-    stacked_w = torch.cat([torch.cat([w_r, w_i], dim=-1), torch.cat([-w_i, w_r], dim=-1)], dim=-2)
-    lead = x_real.shape[:-2]
-    num_blocks, block_size = x_real.shape[-2:]
-    x = torch.cat([x_real, x_imag], dim=-1).reshape(-1, num_blocks, 2 * block_size).transpose(0, 1)
-    out = torch.bmm(x, stacked_w).transpose(0, 1).reshape(*lead, num_blocks, 2 * block_size)
-    out_real, out_imag = out.split(block_size, dim=-1)
-    return out_real + bias[0], out_imag + bias[1]
+    num_blocks, block_size = x.shape[-2:]
+    w = torch.complex(weight[0], weight[1])
+    out = torch.bmm(x.reshape(-1, num_blocks, block_size).transpose(0, 1), w)
+    return out.transpose(0, 1).reshape(x.shape) + torch.complex(bias[0], bias[1])
+
+
+def _on_parts(fn, x: Tensor) -> Tensor:
+    """Apply a real elementwise function to the real and the imaginary parts of x (no split/cat)."""
+    return torch.view_as_complex(fn(torch.view_as_real(x)))
 
 
 class EinFFT(nn.Module):
@@ -73,18 +76,23 @@ class EinFFT(nn.Module):
             raise ValueError(f"EinFFT expects (batch, N, {self.dim}), got {tuple(x.shape)}")
         batch, tokens, channels = x.shape
         in_dtype = x.dtype
-        fft_dims = (1, 2) if self.fft_mode == "tokens_blocks" else (1,)
+        nb, bs = self.num_blocks, self.block_size
+        # The FFTs run over the last (contiguous) dims: (batch, bs, tokens, blocks) for "tokens_blocks",
+        # (batch, blocks, bs, tokens) for "tokens"; the block GEMMs read the spectrum through a permuted
+        # view in the (batch, tokens, blocks, bs) order. Same transform, same values, faster FFTs.
+        perm = (0, 3, 1, 2) if self.fft_mode == "tokens_blocks" else (0, 2, 3, 1)
+        inv = (0, 2, 3, 1) if self.fft_mode == "tokens_blocks" else (0, 3, 1, 2)
+        fft_dims = (2, 3) if self.fft_mode == "tokens_blocks" else (3,)
         with autocast_disabled(x.device.type):
-            h = x.float().reshape(batch, tokens, self.num_blocks, self.block_size)
-            h = torch.fft.fftn(h, dim=fft_dims, norm="ortho")
-            real, imag = _complex_block_linear(h.real, h.imag, self.complex_weight_1.float(), self.complex_bias_1.float())
-            real, imag = F.relu(real), F.relu(imag)
-            real, imag = _complex_block_linear(real, imag, self.complex_weight_2.float(), self.complex_bias_2.float())
+            h = x.float().reshape(batch, tokens, nb, bs).permute(perm)
+            h = torch.fft.fftn(h, dim=fft_dims, norm="ortho").permute(inv)
+            h = _complex_block_linear(h, self.complex_weight_1.float(), self.complex_bias_1.float())
+            h = _on_parts(F.relu, h)
+            h = _complex_block_linear(h, self.complex_weight_2.float(), self.complex_bias_2.float())
             if self.sparsity_threshold:
-                real = F.softshrink(real, self.sparsity_threshold)
-                imag = F.softshrink(imag, self.sparsity_threshold)
-            h = torch.fft.ifftn(torch.complex(real, imag), dim=fft_dims, norm="ortho")
-            out = h.real.reshape(batch, tokens, channels)
+                h = _on_parts(lambda t: F.softshrink(t, self.sparsity_threshold), h)
+            h = torch.fft.ifftn(h.permute(perm), dim=fft_dims, norm="ortho").real
+            out = h.permute(inv).reshape(batch, tokens, channels)
         return out.to(in_dtype)
 
     def extra_repr(self) -> str:

@@ -195,7 +195,7 @@ def backward(
     ext = _ext()
     raw = _raw_delta(delta, delta_bias)
     dt = F.softplus(raw) if delta_softplus else raw
-    du, ddt, dA, dB, dC, dD, dz = ext.scan_bwd(
+    du, ddt, dA, dBt, dCt, dD, dz = ext.scan_bwd(
         dout.contiguous(), u.contiguous(), dt.contiguous(), A.contiguous(), _transpose_bc(B), _transpose_bc(C),
         _opt(D), _opt(z), checkpoints.contiguous(),
     )
@@ -203,4 +203,7 @@ def backward(
     # F.softplus) and the bias with ATen so it matches PyTorch exactly.
     ddelta = torch.ops.aten.softplus_backward(ddt, raw, 1.0, 20.0) if delta_softplus else ddt
     ddelta_bias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
+    # The kernel writes dB, dC as (batch, L, n); hand them back as (batch, n, L) views (no copy): the strides
+    # match B, C as :func:`emamba.ops.selective_scan` passes them (transposed views of (batch, L, n) memory).
+    dB, dC = dBt.transpose(1, 2), dCt.transpose(1, 2)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None, ddelta_bias)

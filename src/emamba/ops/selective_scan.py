@@ -104,6 +104,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "torch"
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend_while_tracing(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """Backend choice as a trace-time constant: dynamo runs this eagerly instead of tracing the import and
+    build checks inside (which would break ``fullgraph=True`` in a fresh process)."""
+    return resolve_backend(backend, torch.device(device_type), dtype)
+
+
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, d, L), got shape {tuple(u.shape)}")
@@ -196,10 +203,13 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
     ctx.delta_softplus = delta_softplus
     ctx.backend = backend
+    ctx.set_materialize_grads(False)  # the checkpoints output never has a gradient: skip its zero fill
 
 
 def _fused_autograd(ctx, dout, _dcheckpoints):
     u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 10
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _fused_bwd(
         dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, checkpoints, ctx.delta_softplus, ctx.backend
     )
@@ -252,7 +262,10 @@ def selective_scan(
     if u.device.type == "meta":  # shape propagation only (FLOP counting, deferred init)
         return u.new_empty(u.shape, dtype=torch.float64 if u.dtype == torch.float64 else torch.float32)
     compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    name = resolve_backend(backend, u.device, compute_dtype)
+    if torch.compiler.is_compiling():
+        name = _resolve_backend_while_tracing(backend, u.device.type, compute_dtype)
+    else:
+        name = resolve_backend(backend, u.device, compute_dtype)
     with autocast_disabled(u.device.type):
         u, delta, A, B, C, D, z, delta_bias = (
             t.to(compute_dtype) if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)
@@ -266,5 +279,10 @@ def selective_scan(
 
             return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         tensors = [t.contiguous() if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
+        if name == "cpu":
+            # B and C go in as (batch, n, L) views of (batch, L, n) memory, the layout the CPU kernel streams
+            # over: one copy at most (none when the caller has that layout already), where .contiguous()
+            # followed by the kernel wrapper's transpose back made two.
+            tensors[3], tensors[4] = (X.transpose(1, 2).contiguous().transpose(1, 2) for X in (B, C))
         y, _ = _fused_fwd(*tensors, bool(delta_softplus), name)
         return y

@@ -22,7 +22,7 @@
 //  * Reductions. dA, dD are summed over batch and dB, dC over d. Batch elements are processed one after
 //    another and the parallel loop runs over blocks of d inside one batch element: dA[d], dD[d] then have a
 //    single writer (no race, no buffer). dB/dC use one (L, 2, n) accumulator per block (blocks <= threads),
-//    summed and transposed into the output after each batch element. No (batch, d, n, L) buffer exists.
+//    summed into the (batch, L, n) outputs after each batch element. No (batch, d, n, L) buffer exists.
 
 // Lighter than <torch/extension.h> (which pulls in all of libtorch's C++ API): cuts the one-time build.
 #include <ATen/ATen.h>
@@ -346,7 +346,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& dt, cons
 }
 
 // dout: (batch, d, L) gradient wrt out; other arguments as in scan_fwd, plus the checkpoints.
-// Returns (du, ddt, dA, dB, dC, dD, dz): dB, dC in the original (batch, n, L) layout; ddt is wrt the
+// Returns (du, ddt, dA, dB, dC, dD, dz): dB, dC in the transposed (batch, L, n) layout of Bt, Ct; ddt is wrt the
 // effective dt; dD / dz are empty tensors when D / z are absent.
 std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& dt,
                                  const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
@@ -372,8 +372,8 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
   auto du = at::empty_like(u);
   auto ddt = at::empty_like(u);
   auto dA = at::zeros_like(A);
-  auto dB = at::empty({batch, n, L}, u.options());
-  auto dC = at::empty({batch, n, L}, u.options());
+  auto dB = at::empty({batch, L, n}, u.options());  // (batch, L, n): the layout of Bt / Ct
+  auto dC = at::empty({batch, L, n}, u.options());
   auto dD = at::zeros({d}, u.options());  // always accumulated (cheap); returned empty without D
   auto dz = z ? at::empty_like(u) : at::empty({0}, u.options());
 
@@ -434,24 +434,24 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
           }
         }
       });
-      // Sum the block accumulators and transpose (L, 2, n) -> 2 x (n, L), in tiles of time steps.
+      // Sum the block accumulators (L, 2, n) into dB, dC ((batch, L, n) each), in tiles of time steps.
       constexpr int64_t kTile = 64;
       const int64_t tile_grain = std::max<int64_t>(1, kMinTaskWork / (kTile * n * nblk));
       at::parallel_for(0, (L + kTile - 1) / kTile, tile_grain, [&](int64_t tb, int64_t te) {
-        std::vector<T> sum(kTile * 2 * n);
         for (int64_t tile = tb; tile < te; ++tile) {
-          const int64_t t0 = tile * kTile, t1 = std::min(L, t0 + kTile), len = t1 - t0;
-          std::copy(accp + t0 * 2 * n, accp + t1 * 2 * n, sum.begin());
-          for (int64_t j = 1; j < nblk; ++j) {
-            const T* a = accp + j * 2 * LN + t0 * 2 * n;
-            for (int64_t i = 0; i < len * 2 * n; ++i) sum[i] += a[i];
-          }
-          for (int64_t k = 0; k < n; ++k) {
-            T* oB = dBp + (b * n + k) * L + t0;
-            T* oC = dCp + (b * n + k) * L + t0;
-            for (int64_t i = 0; i < len; ++i) {
-              oB[i] = sum[(2 * i) * n + k];
-              oC[i] = sum[(2 * i + 1) * n + k];
+          const int64_t t0 = tile * kTile, t1 = std::min(L, t0 + kTile);
+          for (int64_t t = t0; t < t1; ++t) {
+            T* oB = dBp + (b * L + t) * n;
+            T* oC = dCp + (b * L + t) * n;
+            const T* a0 = accp + t * 2 * n;
+            std::copy(a0, a0 + n, oB);
+            std::copy(a0 + n, a0 + 2 * n, oC);
+            for (int64_t j = 1; j < nblk; ++j) {
+              const T* a = accp + j * 2 * LN + t * 2 * n;
+              for (int64_t k = 0; k < n; ++k) {
+                oB[k] += a[k];
+                oC[k] += a[n + k];
+              }
             }
           }
         }
