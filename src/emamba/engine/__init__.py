@@ -1,0 +1,1 @@
+"""Training / evaluation jobs behind the ``emamba`` subcommands (each module exposes ``main(argv) -> int``)."""

@@ -1,0 +1,37 @@
+"""Shared helpers for the training tests: tiny, fast runs of emamba_tiny at 32x32 on 1 thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# every in-process run: small subsets, one thread, no progress bars
+FAST = ["--threads", "1", "--no-progress", "--num_workers", "0"]
+
+
+def bundled_arrays():
+    from emamba.data.images import BUNDLED_FILE
+
+    with np.load(BUNDLED_FILE) as data:
+        return {k: data[k] for k in ("x_train", "y_train", "x_val", "y_val")}
+
+
+def make_image_folder(root: Path, classes=(0, 1, 2), per_class: int = 6, val_per_class: int = 3,
+                      size: int | None = None, rgb: bool = True) -> Path:
+    """Write real Fashion-MNIST images from the bundled subset as DIR/{train,val}/class_<k>/*.png."""
+    arrays = bundled_arrays()
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        for c in classes:
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, idx in enumerate(np.flatnonzero(y == c)[:count]):
+                img = Image.fromarray(x[idx])
+                if size:
+                    img = img.resize((size, size), Image.BILINEAR)
+                if rgb:
+                    img = img.convert("RGB")
+                img.save(folder / f"img_{i:03d}.png")
+    return root
