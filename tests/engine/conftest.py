@@ -1,16 +1,20 @@
 """Fixtures for the training tests (helpers live in engine_helpers.py)."""
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("EMAMBA_SCAN_BACKEND", "torch")  # tests must not depend on the fused kernel's state
 
+@pytest.fixture(autouse=True, scope="module")
+def _portable_scan_one_thread():
+    """Engine tests check training logic, not kernels: pin the portable scan and one thread.
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+    Module-scoped and autouse, so it is in place before module-scoped fixtures that train (an
+    uninterrupted reference run must use the same backend as the resumed one), and undone after the
+    module so the model and ops tests keep exercising the ``auto`` backend. Subprocesses inherit it.
+    """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMAMBA_SCAN_BACKEND", "torch")
+        torch.set_num_threads(1)
+        yield
     torch.set_num_threads(threads)
