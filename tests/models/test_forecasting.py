@@ -37,7 +37,8 @@ def test_reuses_library_layers():
     assert any(isinstance(m, MambaMixer) for m in model.modules())
     assert any(isinstance(m, EinFFT) for m in model.modules())
     assert model.blocks[0].token_mixer.d_inner == TINY["d_ff"]
-    assert model.num_tokens == 12  # (96 + 8 - 16) // 8 + 1 patches
+    assert model.num_tokens == 7  # (96 + 16 - 16) // 16 + 1 patches (the end padded by one stride)
+    assert EMambaTS(96, 96, 7, stride=8, **TINY).num_tokens == 12
 
 
 def test_revin_roundtrip_and_scale_equivariance():

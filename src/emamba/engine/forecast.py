@@ -1,0 +1,542 @@
+"""``emamba forecast``: long-horizon multivariate forecasting with EMamba-TS, Time-Series-Library style.
+
+Accepts Time-Series-Library's (TSLib) argument names so that its scripts translate one to one, and follows
+its protocol: MSE training loss, Adam, early stopping on the validation loss (best checkpoint kept), test
+metrics MSE / MAE / RMSE / MAPE / MSPE on the scaled data over every test window. Each run appends one
+JSON (or CSV) row to ``--results_file``; the last stdout line is a JSON object with the test ``mse`` and
+``mae`` (mean over ``--itr`` runs) so scripts can parse it.
+
+Example (bundled ETTh1, committed defaults)::
+
+    emamba forecast --data ETTh1 --features M --seq_len 96 --pred_len 96 --seed 2021
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from ..data.time_series import DATASETS, FEATURES, TimeSeriesDataset, data_provider
+from ..models.forecasting import TOKENIZATIONS, Model
+
+LRADJ = ("type1", "type3", "cosine", "constant")
+#: Keys of the last stdout line / results row that hold the test metrics.
+METRICS = ("mae", "mse", "rmse", "mape", "mspe")
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments.
+# --------------------------------------------------------------------------------------------------
+
+
+def _bool_int(text: str) -> int:
+    """TSLib passes switches as 0/1 integers (``--revin 1``); accept true/false too."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return 1
+    if value in ("0", "false", "no"):
+        return 0
+    raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a dropout rate in [0, 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="emamba forecast",
+        description="Train and test EMamba-TS on a multivariate time series (Time-Series-Library arguments).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML file of argument defaults (keys = option names); "
+                   "options given on the command line win")
+    g = p.add_argument_group("task")
+    g.add_argument("--task_name", default="long_term_forecast", choices=["long_term_forecast"])
+    g.add_argument("--is_training", type=_bool_int, default=1, help="1: train then test; 0: test the saved checkpoint")
+    g.add_argument("--model_id", default="", help="run name used in the setting string (default: DATA_SEQ_PRED)")
+    g.add_argument("--model", default="EMamba", choices=["EMamba"])
+    g.add_argument("--des", default="Exp", help="free-text tag in the setting string")
+    g.add_argument("--itr", type=_positive_int, default=1, help="repeats; repeat i uses seed + i")
+    g.add_argument("--seed", type=int, default=2021)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="ETTh1", choices=list(DATASETS),
+                   help="split protocol: ETT borders (12/4/4 months) or custom (70/10/20 %%)")
+    g.add_argument("--root_path", default=None,
+                   help="data folder (default: DATA_PATH as given, else the bundled copy of ETTh1.csv)")
+    g.add_argument("--data_path", default=None, help="CSV file name (default: DATA.csv for ETT datasets)")
+    g.add_argument("--features", default="M", choices=list(FEATURES),
+                   help="M: all -> all, S: target -> target, MS: all -> target")
+    g.add_argument("--target", default="OT", help="target column for S / MS")
+    g.add_argument("--freq", default=None, help="calendar-feature frequency (default: t for ETTm, else h)")
+    g.add_argument("--seq_len", type=_positive_int, default=96, help="look-back length")
+    g.add_argument("--label_len", type=_non_negative_int, default=48,
+                   help="decoder start-token length of TSLib's x_dec (EMamba-TS does not read it)")
+    g.add_argument("--pred_len", type=_positive_int, default=96, help="horizon")
+    g.add_argument("--enc_in", type=_positive_int, default=None,
+                   help="input variates (default: from the data; an explicit value is checked against it)")
+    g.add_argument("--dec_in", type=_positive_int, default=None, help="TSLib name; must equal enc_in if given")
+    g.add_argument("--c_out", type=_positive_int, default=None,
+                   help="output variates (default: enc_in for M, 1 for S / MS; checked against the data)")
+    g.add_argument("--num_workers", type=_non_negative_int, default=0, help="DataLoader workers")
+
+    g = p.add_argument_group("model (EMamba-TS; defaults chosen on the validation split)")
+    g.add_argument("--tokenization", default="patch", choices=list(TOKENIZATIONS))
+    g.add_argument("--patch_len", type=_positive_int, default=16)
+    g.add_argument("--stride", type=_positive_int, default=16)
+    g.add_argument("--d_model", type=_positive_int, default=32)
+    g.add_argument("--e_layers", type=_positive_int, default=1)
+    g.add_argument("--d_ff", type=_positive_int, default=64, help="inner width of the Mamba mixer")
+    g.add_argument("--d_state", type=_positive_int, default=8, help="Mamba SSM state size")
+    g.add_argument("--d_conv", type=_positive_int, default=4, help="Mamba causal conv width")
+    g.add_argument("--bidirectional", type=_bool_int, default=0, help="add a reverse-direction Mamba branch")
+    g.add_argument("--einfft_blocks", type=_positive_int, default=4, help="EinFFT channel blocks")
+    g.add_argument("--dropout", type=_probability, default=0.1)
+    g.add_argument("--head_dropout", type=_probability, default=0.0)
+    g.add_argument("--revin", type=_bool_int, default=1, help="reversible instance normalisation")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_epochs", type=_positive_int, default=10)
+    g.add_argument("--patience", type=_positive_int, default=3, help="early-stopping patience (epochs)")
+    g.add_argument("--batch_size", type=_positive_int, default=32)
+    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--lradj", default="type1", choices=list(LRADJ),
+                   help="type1: halve every epoch; type3: constant 3 epochs then x0.9; cosine; constant")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--checkpoints", default="./checkpoints/", help="folder for checkpoints and plots")
+    g.add_argument("--results_file", default="results/forecast/results.jsonl",
+                   help="one row appended per run; .csv for CSV, anything else JSON lines")
+    g.add_argument("--plot", action="store_true", help="save forecast-vs-truth PNGs of a few test windows")
+    g.add_argument("--plot_windows", type=_positive_int, default=4, help="how many test windows --plot draws")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--num_threads", type=_non_negative_int, default=0, help="torch CPU threads (0: torch default)")
+    return p
+
+
+def _load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"emamba forecast: config file not found: {path}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"emamba forecast: {path} must hold a mapping of option names to values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"emamba forecast: unknown option(s) {unknown} in {path}")
+    return values
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with ``--config`` defaults applied first; fill the data-dependent defaults."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_load_config(pre.config, parser))
+    args = parser.parse_args(argv)
+    if args.data_path is None:
+        if args.data == "custom":
+            parser.error("--data custom needs --data_path FILE.csv")
+        args.data_path = f"{args.data}.csv"
+    if args.freq is None:
+        args.freq = "t" if args.data.startswith("ETTm") else "h"
+    if args.label_len > args.seq_len:
+        parser.error(f"--label_len ({args.label_len}) cannot exceed --seq_len ({args.seq_len})")
+    if not args.model_id:
+        args.model_id = f"{Path(args.data_path).stem}_{args.seq_len}_{args.pred_len}"
+    return args
+
+
+def _resolve_channels(args: argparse.Namespace, num_variables: int) -> None:
+    """Set enc_in / dec_in / c_out from the data, or check the explicit values against it."""
+    for name in ("enc_in", "dec_in"):
+        given = getattr(args, name)
+        if given is not None and given != num_variables:
+            raise ValueError(
+                f"--{name} {given} does not match the data: {args.data_path} with --features {args.features} has "
+                f"{num_variables} input variate(s)"
+            )
+    args.enc_in = args.dec_in = num_variables
+    expected = num_variables if args.features == "M" else 1
+    if args.c_out is not None and args.c_out != expected:
+        raise ValueError(f"--c_out {args.c_out} does not match --features {args.features} (expected {expected})")
+    args.c_out = expected
+
+
+def setting_name(args: argparse.Namespace, ii: int) -> str:
+    """TSLib-style run name, unique per configuration and repeat."""
+    tokens = f"patch{args.patch_len}s{args.stride}" if args.tokenization == "patch" else "variate"
+    return (
+        f"{args.task_name}_{args.model_id}_{args.model}_{args.data}_ft{args.features}_sl{args.seq_len}"
+        f"_ll{args.label_len}_pl{args.pred_len}_{tokens}_dm{args.d_model}_el{args.e_layers}_df{args.d_ff}"
+        f"_ds{args.d_state}_{args.des}_seed{args.seed + ii}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training utilities.
+# --------------------------------------------------------------------------------------------------
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def metric(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """TSLib's ``metric``: MAE, MSE, RMSE, MAPE, MSPE over every element (MAPE/MSPE divide by the scaled
+    truth, so they blow up near zero; reported for comparability only)."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    err = pred - true
+    mse = float(np.mean(err**2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = err / true
+    return {
+        "mae": float(np.mean(np.abs(err))),
+        "mse": mse,
+        "rmse": math.sqrt(mse),
+        "mape": float(np.mean(np.abs(ratio))),
+        "mspe": float(np.mean(ratio**2)),
+    }
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace) -> float:
+    """TSLib's ``adjust_learning_rate`` (``epoch`` counts from 1), applied before each epoch."""
+    base = args.learning_rate
+    if args.lradj == "type1":
+        lr = base * 0.5 ** (epoch - 1)
+    elif args.lradj == "type3":
+        lr = base if epoch < 3 else base * 0.9 ** (epoch - 3)
+    elif args.lradj == "cosine":
+        lr = base / 2 * (1 + math.cos((epoch - 1) / args.train_epochs * math.pi))
+    else:
+        lr = base
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def save_checkpoint_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash never leaves a
+    half-written checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_result(row: dict[str, Any], path: Path) -> None:
+    """Append one run: a JSON line, or a CSV row (header written when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+    else:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def _progress(iterable, **kwargs):
+    """tqdm bar on a terminal, nothing in logs (``disable=None``)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+def _f_dim(args: argparse.Namespace) -> int:
+    # MS predicts only the target, which the loader puts last (TSLib's f_dim = -1).
+    return -1 if args.features == "MS" else 0
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, args, device, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, truths) of every window of ``loader``: (windows, pred_len, c_out) scaled arrays."""
+    model.eval()
+    preds, trues = [], []
+    f_dim = _f_dim(args)
+    for batch_x, batch_y, batch_x_mark, batch_y_mark in _progress(loader, desc=desc):
+        batch_x = batch_x.float().to(device)
+        out = model(batch_x, batch_x_mark.float().to(device), None, batch_y_mark.float().to(device))
+        preds.append(out[:, -args.pred_len :, f_dim:].cpu().numpy())
+        trues.append(batch_y[:, -args.pred_len :, f_dim:].numpy())
+    return np.concatenate(preds), np.concatenate(trues)
+
+
+def naive_forecast(loader: DataLoader, args) -> tuple[np.ndarray, np.ndarray]:
+    """Repeat-last-value baseline: every horizon step equals the last look-back value."""
+    preds, trues = [], []
+    f_dim = _f_dim(args)
+    for batch_x, batch_y, _, _ in loader:
+        last = batch_x[:, -1:, f_dim:].numpy()
+        preds.append(np.repeat(last, args.pred_len, axis=1))
+        trues.append(batch_y[:, -args.pred_len :, f_dim:].numpy())
+    return np.concatenate(preds), np.concatenate(trues)
+
+
+def criterion(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Training loss (TSLib: MSE). Module-level so that tests can replace it."""
+    return nn.functional.mse_loss(pred, true)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_path: Path) -> dict[str, Any]:
+    """Train with early stopping on the validation MSE; the best weights are saved to ``ckpt_path``.
+
+    Returns a dict with best_val_loss, best_epoch, epochs, sec_per_epoch and, if the loss stopped being
+    finite, ``stopped='nan_loss'`` (training ends there; the last good checkpoint is kept).
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    f_dim = _f_dim(args)
+    best, best_epoch, bad_epochs, epoch_times = math.inf, 0, 0, []
+    stopped = "max_epochs"
+    for epoch in range(1, args.train_epochs + 1):
+        lr = adjust_learning_rate(optimizer, epoch, args)
+        model.train()
+        start = time.perf_counter()
+        total, count = 0.0, 0
+        bar = _progress(loaders["train"], desc=f"epoch {epoch}/{args.train_epochs}")
+        try:
+            for batch_x, batch_y, batch_x_mark, batch_y_mark in bar:
+                batch_x = batch_x.float().to(device)
+                target = batch_y[:, -args.pred_len :, f_dim:].float().to(device)
+                out = model(batch_x, batch_x_mark.float().to(device), None, batch_y_mark.float().to(device))
+                loss = criterion(out[:, -args.pred_len :, f_dim:], target)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"training loss is {loss.item()} at epoch {epoch}, batch {count + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                count += 1
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        except NonFiniteLoss as exc:
+            print(
+                f"emamba forecast: {exc}; stopping. The last good checkpoint ({ckpt_path}) is kept. "
+                "Try a lower --learning_rate.",
+                file=sys.stderr,
+            )
+            stopped = "nan_loss"
+            break
+        finally:
+            bar.close()
+        epoch_times.append(time.perf_counter() - start)
+        pred, true = predict(model, loaders["val"], args, device, desc="val")
+        val_loss = metric(pred, true)["mse"]
+        improved = val_loss < best
+        print(
+            f"epoch {epoch:>3} | lr {lr:.2e} | train {total / max(count, 1):.4f} | val {val_loss:.4f}"
+            f"{' *' if improved else ''} | {epoch_times[-1]:.1f}s",
+            flush=True,
+        )
+        if not math.isfinite(val_loss):
+            print(f"emamba forecast: validation loss is {val_loss} at epoch {epoch}; stopping.", file=sys.stderr)
+            stopped = "nan_loss"
+            break
+        if improved:
+            best, best_epoch, bad_epochs = val_loss, epoch, 0
+            save_checkpoint_atomic(
+                {"model": model.state_dict(), "args": vars(args), "epoch": epoch, "val_loss": val_loss}, ckpt_path
+            )
+        else:
+            bad_epochs += 1
+            if bad_epochs >= args.patience:
+                stopped = "early_stopping"
+                break
+    return {
+        "best_val_loss": best if best_epoch else None,
+        "best_epoch": best_epoch,
+        "epochs": len(epoch_times),
+        "sec_per_epoch": float(np.mean(epoch_times)) if epoch_times else None,
+        "stopped": stopped,
+    }
+
+
+def plot_windows(model_pred: np.ndarray, true: np.ndarray, dataset: TimeSeriesDataset, args, out_dir: Path) -> list[str]:
+    """Save look-back + truth vs forecast of the last variate for ``--plot_windows`` evenly spaced windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = min(args.plot_windows, len(model_pred))
+    paths = []
+    for index in np.linspace(0, len(model_pred) - 1, count).round().astype(int):
+        history = dataset[int(index)][0][:, -1]
+        fig, ax = plt.subplots(figsize=(8, 3))
+        steps = np.arange(len(history) + args.pred_len)
+        ax.plot(steps, np.concatenate([history, true[index, :, -1]]), label="ground truth", lw=1.2)
+        ax.plot(steps[len(history) :], model_pred[index, :, -1], label="EMamba-TS", lw=1.2)
+        ax.axvline(len(history) - 0.5, color="grey", ls=":", lw=0.8)
+        ax.set_title(f"{args.data} {dataset.columns[-1]} (scaled), test window {index}")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"test_window_{index}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# One run and the entry point.
+# --------------------------------------------------------------------------------------------------
+
+_ROW_ARGS = (
+    "model_id", "model", "data", "data_path", "features", "target", "seq_len", "label_len", "pred_len",
+    "enc_in", "c_out", "tokenization", "patch_len", "stride", "d_model", "e_layers", "d_ff", "d_state", "d_conv",
+    "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "batch_size", "learning_rate", "lradj",
+    "train_epochs", "patience", "weight_decay", "des",
+)
+
+
+def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[str, Any]:
+    run_start = time.perf_counter()
+    seed = args.seed + ii
+    set_seed(seed)
+    setting = setting_name(args, ii)
+    loaders, datasets = {}, {}
+    for flag in ("train", "val", "test"):
+        datasets[flag], loaders[flag] = data_provider(args, flag)
+    _resolve_channels(args, datasets["train"].num_variables)
+    model = Model(args).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    ckpt_path = Path(args.checkpoints) / setting / "checkpoint.pth"
+    print(f">>> {setting} | {params:,} parameters | train/val/test windows "
+          f"{len(datasets['train'])}/{len(datasets['val'])}/{len(datasets['test'])} | {device}", flush=True)
+
+    info: dict[str, Any] = {"stopped": "test_only"}
+    if args.is_training:
+        info = train(model, loaders, args, device, ckpt_path)
+    if args.is_training and not info["best_epoch"]:  # never test a stale checkpoint of an earlier run
+        raise RuntimeError("training produced no finite validation loss, so there is no checkpoint to test")
+    if not ckpt_path.exists():
+        raise RuntimeError(f"no checkpoint at {ckpt_path}: train it first (--is_training 1)")
+    state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+
+    pred, true = predict(model, loaders["test"], args, device, desc="test")
+    row: dict[str, Any] = {"setting": setting, "seed": seed, "itr": ii}
+    row.update({name: getattr(args, name) for name in _ROW_ARGS})
+    row.update(metric(pred, true))
+    row["test_windows"] = int(len(pred))
+    naive_test = metric(*naive_forecast(loaders["test"], args))
+    naive_val = metric(*naive_forecast(loaders["val"], args))
+    row.update({"naive_mse": naive_test["mse"], "naive_mae": naive_test["mae"],
+                "naive_val_mse": naive_val["mse"], "naive_val_mae": naive_val["mae"]})
+    row.update(info)
+    if info["stopped"] == "test_only":
+        row["best_val_loss"] = state.get("val_loss")
+    row.update({"params": params, "run_seconds": time.perf_counter() - run_start, "device": str(device),
+                "checkpoint": str(ckpt_path), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if args.plot:
+        row["plots"] = plot_windows(pred, true, datasets["test"], args, ckpt_path.parent / "plots")
+    append_result(row, Path(args.results_file))
+    return row
+
+
+def _summary(rows: list[dict[str, Any]]) -> str:
+    head = f"{'setting':<40} {'seed':>5} {'mse':>7} {'mae':>7} {'naive mse':>9} {'val':>7} {'ep':>3} {'s/ep':>6} {'run s':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        val = r.get("best_val_loss")
+        spe = r.get("sec_per_epoch")
+        lines.append(
+            f"{r['model_id'][:40]:<40} {r['seed']:>5} {r['mse']:>7.4f} {r['mae']:>7.4f} {r['naive_mse']:>9.4f} "
+            f"{(f'{val:.4f}' if val is not None else '-'):>7} {r.get('epochs', 0):>3} "
+            f"{(f'{spe:.1f}' if spe else '-'):>6} {r['run_seconds']:>6.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        device = _select_device(args.device)
+        rows = [run_once(args, ii, device) for ii in range(args.itr)]
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"emamba forecast: error: {exc}", file=sys.stderr)
+        return 1
+    print(_summary(rows))
+    summary = {key: float(np.mean([r[key] for r in rows])) for key in METRICS + ("naive_mse", "naive_mae")}
+    summary.update({
+        "data": args.data, "features": args.features, "seq_len": args.seq_len, "pred_len": args.pred_len,
+        "seeds": [r["seed"] for r in rows], "results_file": args.results_file,
+        "sec_per_epoch": [r.get("sec_per_epoch") for r in rows], "run_seconds": [r["run_seconds"] for r in rows],
+    })
+    if args.itr > 1:
+        summary["runs"] = [{key: r[key] for key in ("seed",) + METRICS} for r in rows]
+    failed = any(r.get("stopped") == "nan_loss" for r in rows)
+    if failed:
+        summary["stopped"] = "nan_loss"
+    print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""EMamba-TS: SiMBA for multivariate long-horizon forecasting.
+
+The paper (Section 3 and Table 3) mixes the sequence with Mamba and the channels with EinFFT but released
+no forecasting code or configuration. This design follows what works on the ETT / Weather benchmarks:
+
+* **RevIN** (Kim et al., ICLR 2022): each input window is normalised per variate and the forecast is
+  de-normalised with the same statistics, which removes the level shift between train and test years.
+* **Tokenisation** (``tokenization``):
+  ``"patch"`` (default, PatchTST-style, channel independent): each variate's look-back is cut into
+  overlapping patches of ``patch_len`` steps (``stride`` apart, the end padded by ``stride`` repeats of the
+  last value), every patch is linearly embedded, and Mamba scans the patch sequence of one variate;
+  ``"variate"`` (iTransformer-style): one token per variate, its whole look-back embedded, and Mamba scans
+  across the variates, so variables interact.
+* A stack of ``e_layers`` EMamba blocks: x + Dropout(Mamba(LN x)), then x + Dropout(EinFFT(LN x)).
+* A final LayerNorm and a linear head to ``pred_len`` steps per variate.
+
+``Model(configs)`` wraps it with Time-Series-Library's four-tensor forward so that EMamba-TS drops into that
+library (``models/EMamba.py: from emamba.models.forecasting import Model``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import EinFFT, MambaMixer
+
+__all__ = ["EMambaTS", "EMambaTSBlock", "Model", "RevIN", "TOKENIZATIONS"]
+
+TOKENIZATIONS = ("patch", "variate")
+
+
+class RevIN(nn.Module):
+    """Reversible instance normalisation over the time axis of (B, L, C) windows.
+
+    ``normalize`` returns the normalised window and the statistics that ``denormalize`` needs, instead of
+    storing them on the module, so one module can be shared safely (and traced) across calls.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.affine = num_features, eps, affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        mean = x.mean(dim=1, keepdim=True).detach()
+        std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + self.eps).detach()
+        x = (x - mean) / std
+        if self.affine:
+            x = x * self.weight + self.bias
+        return x, (mean, std)
+
+    def denormalize(self, x: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+        mean, std = stats
+        if self.affine:
+            x = (x - self.bias) / (self.weight + self.eps * self.eps)
+        return x * std + mean
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
+class EMambaTSBlock(nn.Module):
+    """Pre-norm residual block: x + Dropout(Mamba(LN x)), then x + Dropout(EinFFT(LN x)).
+
+    ``d_ff`` is the inner width of the Mamba mixer (its expand = d_ff / d_model): EinFFT keeps the width,
+    so Mamba's gated inner projection is the block's only expansion, like a Transformer's FFN width.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        bidirectional: bool = False,
+        einfft_blocks: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        # +0.5 so that int(expand * d_model) inside MambaMixer is exactly d_ff despite float rounding.
+        expand = (d_ff + 0.5) / d_model
+        self.token_mixer = MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.channel_mixer = EinFFT(d_model, num_blocks=einfft_blocks)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.token_mixer(self.norm1(x)))
+        return x + self.drop(self.channel_mixer(self.norm2(x)))
+
+
+class EMambaTS(nn.Module):
+    """EMamba forecaster: (B, seq_len, enc_in) look-back -> (B, pred_len, c_out) forecast.
+
+    Args:
+        seq_len, pred_len: look-back and horizon lengths.
+        enc_in: number of input variates.
+        c_out: number of output variates; the last ``c_out`` input variates are forecast (TSLib puts the
+            target last, so ``c_out=1`` is the MS setting). Defaults to ``enc_in``.
+        tokenization: ``"patch"`` (PatchTST-style, channel independent) or ``"variate"`` (one token per
+            variate, iTransformer-style).
+        patch_len, stride: patch size and step (``patch`` only).
+        d_model: token width (multiple of ``einfft_blocks``).
+        e_layers: number of EMamba blocks.
+        d_ff: inner width of the Mamba mixer (default 2 * d_model, Mamba's expand=2).
+        d_state, d_conv, bidirectional: Mamba state size, causal conv width, and a reverse-direction branch.
+        einfft_blocks: channel blocks of EinFFT's block-diagonal complex weights.
+        dropout: after the embedding and on every residual branch.
+        head_dropout: before the linear head.
+        revin: reversible instance normalisation of every input window (with learnable affine).
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        pred_len: int,
+        enc_in: int,
+        c_out: Optional[int] = None,
+        tokenization: str = "patch",
+        patch_len: int = 16,
+        stride: int = 16,
+        d_model: int = 32,
+        e_layers: int = 1,
+        d_ff: Optional[int] = None,
+        d_state: int = 8,
+        d_conv: int = 4,
+        bidirectional: bool = False,
+        einfft_blocks: int = 4,
+        dropout: float = 0.1,
+        head_dropout: float = 0.0,
+        revin: bool = True,
+    ) -> None:
+        super().__init__()
+        c_out = enc_in if c_out is None else c_out
+        d_ff = 2 * d_model if d_ff is None else d_ff
+        if tokenization not in TOKENIZATIONS:
+            raise ValueError(f"tokenization must be one of {TOKENIZATIONS}, got {tokenization!r}")
+        if min(seq_len, pred_len, enc_in, c_out, d_model, e_layers, d_ff) <= 0:
+            raise ValueError("seq_len, pred_len, enc_in, c_out, d_model, e_layers and d_ff must be positive")
+        if c_out > enc_in:
+            raise ValueError(f"c_out={c_out} > enc_in={enc_in}: the model forecasts a subset of its input variates")
+        if d_model % einfft_blocks:
+            raise ValueError(f"d_model={d_model} must be divisible by einfft_blocks={einfft_blocks} (EinFFT)")
+        self.seq_len, self.pred_len, self.enc_in, self.c_out = seq_len, pred_len, enc_in, c_out
+        self.tokenization = tokenization
+
+        self.revin = RevIN(enc_in) if revin else None
+        if tokenization == "patch":
+            if patch_len <= 0 or stride <= 0:
+                raise ValueError(f"patch_len and stride must be positive, got {patch_len} and {stride}")
+            if patch_len > seq_len + stride:
+                raise ValueError(f"patch_len={patch_len} is longer than seq_len + stride = {seq_len + stride}")
+            self.patch_len, self.stride = patch_len, stride
+            self.num_tokens = (seq_len + stride - patch_len) // stride + 1
+            self.embed = nn.Linear(patch_len, d_model)
+            self.pos_embed = nn.Parameter(torch.empty(1, self.num_tokens, d_model).uniform_(-0.02, 0.02))
+            head_in = self.num_tokens * d_model
+        else:
+            self.num_tokens = enc_in
+            self.embed = nn.Linear(seq_len, d_model)
+            self.pos_embed = None
+            head_in = d_model
+        self.embed_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            EMambaTSBlock(d_model, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout) for _ in range(e_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head_drop = nn.Dropout(head_dropout)
+        self.head = nn.Linear(head_in, pred_len)
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """(B, L, C) -> (B * C, num_patches, d_model) or (B, C, d_model)."""
+        x = x.transpose(1, 2)  # (B, C, L)
+        if self.tokenization == "variate":
+            return self.embed(x)
+        x = F.pad(x, (0, self.stride), mode="replicate")
+        patches = x.unfold(-1, self.patch_len, self.stride)  # (B, C, N, P)
+        tokens = self.embed(patches) + self.pos_embed.unsqueeze(0)
+        return tokens.flatten(0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.enc_in:
+            raise ValueError(f"EMambaTS expects (batch, {self.seq_len}, {self.enc_in}), got {tuple(x.shape)}")
+        batch = x.shape[0]
+        stats = None
+        if self.revin is not None:
+            x, stats = self.revin.normalize(x)
+        h = self.embed_drop(self._tokens(x))
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(h)
+        if self.tokenization == "patch":
+            h = h.reshape(batch, self.enc_in, -1)  # (B, C, N * d_model)
+        y = self.head(self.head_drop(h)).transpose(1, 2)  # (B, pred_len, C)
+        if stats is not None:
+            y = self.revin.denormalize(y, stats)
+        return y[..., -self.c_out :]
+
+
+#: EMambaTS keyword -> (TSLib ``configs`` attribute, default when the attribute is absent).
+_CONFIG_KEYS: dict[str, tuple[str, Any]] = {
+    "c_out": ("c_out", None),
+    "tokenization": ("tokenization", "patch"),
+    "patch_len": ("patch_len", 16),
+    "stride": ("stride", 16),
+    "d_model": ("d_model", 32),
+    "e_layers": ("e_layers", 1),
+    "d_ff": ("d_ff", None),
+    "d_state": ("d_state", 8),
+    "d_conv": ("d_conv", 4),
+    "bidirectional": ("bidirectional", False),
+    "einfft_blocks": ("einfft_blocks", 4),
+    "dropout": ("dropout", 0.1),
+    "head_dropout": ("head_dropout", 0.0),
+    "revin": ("revin", True),
+}
+
+
+def model_kwargs_from_configs(configs: Any) -> dict[str, Any]:
+    """EMambaTS keyword arguments from a TSLib-style namespace (absent attributes take the defaults)."""
+    kwargs = {key: getattr(configs, attr, default) for key, (attr, default) in _CONFIG_KEYS.items()}
+    kwargs["bidirectional"] = bool(kwargs["bidirectional"])
+    kwargs["revin"] = bool(kwargs["revin"])
+    return dict(seq_len=configs.seq_len, pred_len=configs.pred_len, enc_in=configs.enc_in, **kwargs)
+
+
+class Model(nn.Module):
+    """Time-Series-Library entry point: ``Model(configs)`` with ``forward(x_enc, x_mark_enc, x_dec, x_mark_dec)``.
+
+    Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
+    e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin`` from
+    ``configs``. EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for
+    the interface and not used. Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
+    """
+
+    def __init__(self, configs: Any) -> None:
+        super().__init__()
+        self.task_name = getattr(configs, "task_name", "long_term_forecast")
+        if self.task_name not in ("long_term_forecast", "short_term_forecast"):
+            raise ValueError(f"EMamba-TS supports forecasting tasks only, got task_name={self.task_name!r}")
+        self.pred_len = configs.pred_len
+        self.model = EMambaTS(**model_kwargs_from_configs(configs))
+
+    def forward(
+        self,
+        x_enc: Tensor,
+        x_mark_enc: Optional[Tensor] = None,
+        x_dec: Optional[Tensor] = None,
+        x_mark_dec: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        return self.model(x_enc)

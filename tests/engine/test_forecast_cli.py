@@ -1,0 +1,152 @@
+"""``emamba forecast``: argument parsing, short training runs, custom CSV files and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from emamba.cli import main as cli_main
+from emamba.engine import forecast
+
+ETT_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ETT-small").resolve()
+TINY = ["--d_model", "8", "--e_layers", "1", "--d_ff", "16", "--d_state", "4", "--num_threads", "1"]
+
+
+def _out(tmp_path: Path) -> list[str]:
+    return ["--checkpoints", str(tmp_path / "ckpt"), "--results_file", str(tmp_path / "results.jsonl")]
+
+
+def _last_json(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def _write_custom(path: Path, rows: int = 700) -> None:
+    t = np.arange(rows, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    pd.DataFrame({
+        "date": pd.date_range("2021-01-01", periods=rows, freq="h"),
+        "load": np.sin(2 * np.pi * t / 24) + 0.05 * rng.standard_normal(rows),
+        "temp": np.cos(2 * np.pi * t / 24) + 0.05 * rng.standard_normal(rows),
+        "OT": np.sin(2 * np.pi * t / 24 + 1) + 0.01 * t / rows + 0.05 * rng.standard_normal(rows),
+    }).to_csv(path, index=False)
+
+
+def test_parse_defaults_and_tslib_names():
+    args = forecast.parse_args([])
+    assert (args.data, args.data_path, args.root_path, args.freq, args.features) == ("ETTh1", "ETTh1.csv", None, "h", "M")
+    assert (args.seq_len, args.label_len, args.pred_len) == (96, 48, 96)
+    args = forecast.parse_args([
+        "--task_name", "long_term_forecast", "--is_training", "1", "--model_id", "x", "--model", "EMamba",
+        "--data", "ETTm2", "--root_path", "d", "--features", "MS", "--target", "OT", "--seq_len", "96",
+        "--label_len", "48", "--pred_len", "720", "--enc_in", "7", "--dec_in", "7", "--c_out", "1",
+        "--e_layers", "3", "--d_model", "16", "--d_ff", "32", "--dropout", "0.2", "--batch_size", "16",
+        "--learning_rate", "0.0005", "--train_epochs", "2", "--patience", "1", "--itr", "2", "--des", "Exp",
+        "--seed", "7", "--num_workers", "0", "--checkpoints", "c", "--lradj", "cosine", "--patch_len", "8",
+        "--stride", "4", "--d_state", "8", "--revin", "0",
+    ])
+    assert args.data_path == "ETTm2.csv" and args.freq == "t" and args.revin == 0 and args.itr == 2
+    for bad in (["--data", "custom"], ["--features", "X"], ["--revin", "maybe"], ["--label_len", "200"],
+                ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"]):
+        with pytest.raises(SystemExit):
+            forecast.parse_args(bad)
+
+
+def test_config_file_defaults(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("d_model: 16\npatch_len: 8\nlearning_rate: 0.01\n")
+    args = forecast.parse_args(["--config", str(cfg), "--patch_len", "24"])
+    assert (args.d_model, args.patch_len, args.learning_rate) == (16, 24, 0.01)
+    cfg.write_text("d_modle: 16\n")
+    with pytest.raises(SystemExit, match="d_modle"):
+        forecast.parse_args(["--config", str(cfg)])
+
+
+def test_metric_matches_tslib_definitions():
+    pred, true = np.array([[1.0, 2.0]]), np.array([[2.0, 4.0]])
+    m = forecast.metric(pred, true)
+    assert m["mae"] == 1.5 and m["mse"] == 2.5 and m["rmse"] == pytest.approx(2.5**0.5)
+    assert m["mape"] == pytest.approx(0.5) and m["mspe"] == pytest.approx(0.25)
+
+
+def test_short_etth1_run_beats_naive_on_validation(tmp_path, capsys):
+    """One epoch of a tiny model on ETTh1's target (S, horizon 24) beats repeat-last-value on val and test."""
+    root = ["--root_path", str(ETT_DIR)] if (ETT_DIR / "ETTh1.csv").is_file() else []  # else the bundled copy
+    rc = cli_main(["forecast", "--data", "ETTh1", *root, "--features", "S", "--pred_len", "24", "--train_epochs", "1",
+                   "--batch_size", "128", "--learning_rate", "0.01", "--stride", "16", "--plot", "--plot_windows", "2",
+                   *TINY, *_out(tmp_path)])
+    assert rc == 0
+    summary = _last_json(capsys)
+    assert {"mse", "mae", "rmse", "mape", "mspe", "naive_mse"} <= set(summary)
+    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert row["test_windows"] == 2857  # 2880 test rows + 96 look-back - 96 - 24 + 1: nothing dropped
+    assert row["best_val_loss"] < row["naive_val_mse"]
+    assert summary["mse"] < summary["naive_mse"]
+    assert Path(row["checkpoint"]).is_file() and len(row["plots"]) == 2
+    assert all(Path(p).stat().st_size > 0 for p in row["plots"])
+
+
+def test_custom_csv_ms_and_reload(tmp_path, capsys):
+    _write_custom(tmp_path / "OTHER.csv")
+    common = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--features", "MS",
+              "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--train_epochs", "2", *TINY,
+              "--checkpoints", str(tmp_path / "ckpt"), "--results_file", str(tmp_path / "results.csv")]
+    assert forecast.main(common) == 0
+    first = _last_json(capsys)
+    assert first["mse"] < first["naive_mse"]
+    assert forecast.main(common + ["--is_training", "0"]) == 0  # test-only reloads the checkpoint
+    again = _last_json(capsys)
+    assert again["mse"] == pytest.approx(first["mse"], rel=1e-6)
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert len(table) == 2 and set(table["c_out"]) == {1} and set(table["enc_in"]) == {3}
+
+
+def test_bad_inputs(tmp_path, capsys):
+    assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "missing.csv",
+                          *_out(tmp_path)]) == 1
+    assert "missing.csv" in capsys.readouterr().err
+    _write_custom(tmp_path / "OTHER.csv")
+    base = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--seq_len", "48",
+            "--label_len", "24", "--pred_len", "24", *TINY, *_out(tmp_path)]
+    assert forecast.main(base + ["--features", "S", "--target", "price"]) == 1
+    assert "'price' not found" in capsys.readouterr().err
+    assert forecast.main(base + ["--enc_in", "7"]) == 1
+    assert "--enc_in 7 does not match" in capsys.readouterr().err
+    assert forecast.main(base + ["--is_training", "0", "--model_id", "never_trained"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    _write_custom(tmp_path / "OTHER.csv")
+    real = forecast.criterion
+    calls = {"n": 0}
+
+    def flaky(pred, true):
+        calls["n"] += 1
+        loss = real(pred, true)
+        return loss * float("nan") if calls["n"] > 8 else loss
+
+    monkeypatch.setattr(forecast, "criterion", flaky)
+    args = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--seq_len", "48",
+            "--label_len", "24", "--pred_len", "24", "--batch_size", "64", "--train_epochs", "3", *TINY,
+            *_out(tmp_path)]
+    assert forecast.main(args) == 1  # 6 batches per epoch: epoch 1 is fine, epoch 2 hits NaN
+    captured = capsys.readouterr()
+    assert "stopping" in captured.err and "checkpoint" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["stopped"] == "nan_loss" and np.isfinite(summary["mse"])
+    # NaN from the first batch: no good checkpoint of this run, so the old one is not tested either
+    calls["n"] = 100
+    assert forecast.main(args) == 1
+    assert "no finite validation loss" in capsys.readouterr().err
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    target = tmp_path / "run" / "checkpoint.pth"
+    forecast.save_checkpoint_atomic({"a": 1}, target)
+    forecast.save_checkpoint_atomic({"a": 2}, target)
+    assert [p.name for p in target.parent.iterdir()] == ["checkpoint.pth"]
