@@ -82,6 +82,11 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> FlopCount:
     def on_mamba(module: MambaMixer, inputs, out):
         batch, length, _ = inputs[0].shape
         branches = 2 if module.bidirectional else 1
+        # dt_proj is applied with F.linear on its weight (its bias goes into the scan as delta_bias), so its
+        # Linear hook never fires: count its MACs here. The bias add is part of the scan's per-step cost.
+        dt_macs = branches * batch * length * module.dt_rank * module.d_inner
+        result.macs_paper += dt_macs
+        result.add("linear_conv", 2 * dt_macs)
         result.add("selective_scan", branches * scan_flops(batch, module.d_inner, length, module.d_state))
         result.add("elementwise", branches * batch * length * module.d_inner * 4)  # SiLU after the conv
 
