@@ -632,7 +632,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                tb = SummaryWriter(str(out / "tensorboard"))
+                # like summary.csv: hide points of epochs after the resumed one (or all, on a fresh run) that an
+                # earlier run into this directory logged, so a resumed curve has one point per epoch
+                tb = SummaryWriter(str(out / "tensorboard"), purge_step=state.epoch + 1)
             except ImportError:
                 print("warning: --tensorboard needs the tensorboard package (pip install tensorboard); skipped",
                       file=sys.stderr)

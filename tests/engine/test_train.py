@@ -20,6 +20,7 @@ from emamba.engine.classification import ShardSampler
 from engine_helpers import FAST, make_image_folder
 
 SMALL = FAST + ["--max-train-samples", "32", "--max-val-samples", "24", "--batch-size", "8"]
+TINY = FAST + ["--max-train-samples", "16", "--max-val-samples", "8", "--batch-size", "4"]
 # exercise every random source: Mixup/CutMix, random erasing, drop path, EMA
 RANDOM_RECIPE = ["--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--drop-path", "0.1", "--model-ema",
                  "--model-ema-decay", "0.9"]
@@ -196,13 +197,61 @@ def test_validate_command(tmp_path, capsys, default_run):
 
 def test_amp_fp16_accumulation_and_clipping(tmp_path):
     out = tmp_path / "amp"
-    args = FAST + ["--max-train-samples", "16", "--max-val-samples", "8", "--batch-size", "4", "--epochs", "1",
-                   "--amp", "fp16", "--accum-steps", "2", "--clip-grad", "1.0", "--output_dir", str(out)]
+    args = TINY + ["--epochs", "1", "--amp", "fp16", "--accum-steps", "2", "--clip-grad", "1.0", "--output_dir",
+                   str(out)]
     assert train.main(args) == 0
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["global_step"] == 2 and state["scaler"]["scale"] > 0  # 4 batches / 2 accumulation steps
     assert train.parse_args(["--amp"]).amp == "bf16"
     assert (out / "last.pth").is_file()
+
+
+TB_TAGS = {"train_loss", "val_loss", "val_top1", "val_top5", "lr", "val_images", "train_time_s", "eval_time_s",
+           "train_imgs_per_s"}
+
+
+def tb_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """(epoch, value) per tag, read back the way TensorBoard reads OUT/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_each_epoch(tmp_path):
+    """--tensorboard writes the summary.csv columns as scalars, one point per epoch, also across a resume."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    assert train.main(TINY + ["--epochs", "1", "--tensorboard", "--output_dir", str(out)]) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    scalars = tb_scalars(out)
+    assert set(scalars) == TB_TAGS  # no EMA columns without --model-ema
+    row = rows(out)[0]
+    for tag, points in scalars.items():
+        assert [step for step, _ in points] == [1], tag
+        assert points[0][1] == pytest.approx(row[tag], rel=1e-6), tag  # float32 in the event file
+
+    # two epochs, then resume from epoch 1: the re-run epoch 2 replaces the first run's point, not a duplicate
+    assert train.main(TINY + ["--epochs", "2", "--tensorboard", "--output_dir", str(out)]) == 0
+    assert train.main(TINY + ["--epochs", "2", "--tensorboard", "--output_dir", str(out),
+                              "--resume", str(out / "checkpoint-1.pth")]) == 0
+    scalars = tb_scalars(out)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 3
+    for tag in ("train_loss", "val_loss", "val_top1", "val_top5", "lr"):
+        assert [step for step, _ in scalars[tag]] == [1, 2], tag
+        assert [v for _, v in scalars[tag]] == pytest.approx([r[tag] for r in rows(out)], rel=1e-6), tag
+
+
+def test_tensorboard_missing_warns_and_trains(tmp_path, monkeypatch, capsys):
+    """Without the tensorboard package the run still finishes; it only prints a warning."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
+    for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)  # re-import it, so that its `import tensorboard` runs
+    out = tmp_path / "no_tb"
+    assert train.main(TINY + ["--epochs", "1", "--tensorboard", "--output_dir", str(out)]) == 0
+    assert "warning: --tensorboard needs the tensorboard package" in capsys.readouterr().err
+    assert not (out / "tensorboard").exists() and rows(out)[0]["epoch"] == 1
 
 
 def test_transfer_datasets_local_only(tmp_path):

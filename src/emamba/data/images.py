@@ -3,7 +3,7 @@
 * :class:`ImageFolderDataset` - the seed's layout, ``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``.
 * :class:`ArrayImageDataset` - in-memory uint8 arrays: the bundled Fashion-MNIST subset
   (:func:`bundled_fashion_mnist`) and the full Fashion-MNIST idx(.gz) files (:func:`fashion_mnist_idx`).
-* Transfer datasets (:func:`build_transfer_dataset`): CIFAR-10/100, Flowers-102 and Stanford Cars, read
+* Transfer datasets (:func:`build_dataset`): CIFAR-10/100, Flowers-102 and Stanford Cars, read
   from local paths only through torchvision's dataset classes or an ImageFolder layout. Nothing is ever
   downloaded; missing data raises :class:`DataError` naming the expected layout.
 
@@ -15,6 +15,7 @@ and rerun; ``--resume`` continues from the last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -198,6 +199,9 @@ _TRANSFER_LAYOUTS = {
     "flowers102": "DIR/flowers-102/{jpg/,imagelabels.mat,setid.mat} (needs scipy)",
     "stanford_cars": "DIR/stanford_cars/{cars_train/,cars_test/,devkit/,cars_test_annos_withlabels.mat} (needs scipy)",
 }
+# the folder torchvision looks for inside --data-path
+_TRANSFER_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "flowers102": "flowers-102",
+                     "stanford_cars": "stanford_cars"}
 
 
 class _TorchvisionAdapter(Dataset):
@@ -205,7 +209,7 @@ class _TorchvisionAdapter(Dataset):
 
     def __init__(self, base: Dataset, classes: Sequence[str], targets: Sequence[int], in_chans: int,
                  transform: Optional[Callable]) -> None:
-        self.base, self.classes, self.targets = base, list(classes), list(targets)
+        self.base, self.classes, self.targets = base, list(classes), [int(t) for t in targets]
         self.mode, self.transform = _image_mode(in_chans), transform
 
     def __len__(self) -> int:
@@ -223,6 +227,13 @@ def _torchvision_transfer(name: str, root: Path, split: str, transform, in_chans
     import torchvision.datasets as tvd
 
     train = split == "train"
+    # torchvision's default loader does not name a truncated file; ours raises DataError with its path
+    loader = functools.partial(load_image, mode=_image_mode(in_chans))
+    if name in ("flowers102", "stanford_cars"):
+        try:
+            import scipy.io  # noqa: F401
+        except ImportError as exc:
+            raise DataError(f"{name} needs scipy to read its .mat label files: pip install scipy") from exc
     try:
         if name in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -231,17 +242,20 @@ def _torchvision_transfer(name: str, root: Path, split: str, transform, in_chans
         if name == "flowers102":
             # the paper's protocol trains on train+val (2,040 images) and tests on the 6,149 test images
             parts = ["train", "val"] if train else ["test"]
-            bases = [tvd.Flowers102(str(root), split=p, download=False) for p in parts]
+            bases = [tvd.Flowers102(str(root), split=p, download=False, loader=loader) for p in parts]
             base = torch.utils.data.ConcatDataset(bases)
             targets = [int(t) for b in bases for t in b._labels]
-            classes = [str(i) for i in range(102)]
-            return _TorchvisionAdapter(base, classes, targets, in_chans, transform)
-        base = tvd.StanfordCars(str(root), split="train" if train else "test", download=False)
+            return _TorchvisionAdapter(base, tvd.Flowers102.classes, targets, in_chans, transform)
+        base = tvd.StanfordCars(str(root), split="train" if train else "test", download=False, loader=loader)
         return _TorchvisionAdapter(base, base.classes, [t for _, t in base._samples], in_chans, transform)
     except (RuntimeError, FileNotFoundError, OSError, ImportError) as exc:
+        folder = _TRANSFER_FOLDERS[name]
+        hint = (f" ({root} is the {folder} folder itself: pass its parent directory as --data-path)"
+                if root.name == folder else "")
         raise DataError(
             f"{name} not found under {root} ({type(exc).__name__}: {exc}). Nothing is downloaded: place the data "
             f"as {_TRANSFER_LAYOUTS[name]}, or as an ImageFolder DIR/train/<class>/*.jpg + DIR/val/<class>/*.jpg"
+            + hint
         ) from exc
 
 
