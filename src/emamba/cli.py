@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("emamba.validate", "evaluate a checkpoint on an image folder (top-1, top-5, loss)"),
     "make-token-labels": ("emamba.engine.token_labels", "write dense token-label maps from a teacher"),
     "forecast": ("emamba.engine.forecast", "multivariate long-horizon forecasting (Time-Series-Library args)"),
+    "export": ("emamba.export", "write a model as ONNX or a torch.export program (.pt2)"),
     "benchmark": ("emamba.benchmark", "throughput, latency and memory of a model (timm benchmark style)"),
 }
 

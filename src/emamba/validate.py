@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from .data.images import DATASETS, DataError, build_dataset
-from .engine.checkpoint import CheckpointError, load_checkpoint
+from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .engine.classification import ShardSampler, cleanup_distributed, evaluate, init_distributed
 
 __all__ = ["main"]
@@ -75,19 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num_classes = cfg.num_classes or len(dataset.classes)
     model = create_model(cfg, num_classes)
     weights_key = "model_ema" if args.use_ema else "model"
-    if args.use_ema and not isinstance(state.get("model_ema"), dict):
-        raise CheckpointError(f"checkpoint {args.checkpoint} has no EMA weights (train with --model-ema)")
-    weights = state[weights_key] if isinstance(state.get(weights_key), dict) else state
-    from .models import EMamba, checkpoint_filter_fn
-
-    if isinstance(model, EMamba):
-        weights = checkpoint_filter_fn(weights, model)
-    from .engine.checkpoint import describe_key_mismatch
-
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {args.checkpoint} does not fit {cfg.model}: "
-                              + describe_key_mismatch(result.missing_keys, result.unexpected_keys))
+    load_model_weights(model, state, args.checkpoint, use_ema=args.use_ema)
     dist_info = init_distributed("auto", args.device)
     model.to(dist_info.device)
     cfg.mean, cfg.std = args.mean or cfg.mean, args.std or cfg.std

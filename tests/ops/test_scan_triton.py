@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from emamba.ops import scan_triton, selective_scan, selective_scan_reference  # noqa: E402
+from emamba.ops import scan_triton, selective_scan  # noqa: E402
+from scan_inputs import NAMES, as_args, make_inputs, reference_grads, rel_err  # noqa: E402
 
 scan_mod = importlib.import_module("emamba.ops.selective_scan")
 
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"triton scan unavailable:
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHUNK = 8  # small chunks so that L = 19 spans three chunks, the last one padded
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 TUNABLES = ("CHUNK_SIZE", "FWD_STEPS", "FWD_BLOCK_D", "BWD_BLOCK_D")
 DEFAULTS = {name: getattr(scan_triton, name) for name in TUNABLES}  # before the fixture shrinks them
 
@@ -42,43 +42,15 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(scan_triton, "BWD_BLOCK_D", 4)
 
 
-def make_inputs(batch, d, length, n, dtype=torch.float64, z=True, D=True, delta_bias=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
-
-    return dict(
-        u=rand(batch, d, length),
-        delta=rand(batch, d, length, scale=0.5),
-        A=-torch.exp(rand(d, n, scale=0.5)),
-        B=rand(batch, n, length),
-        C=rand(batch, n, length),
-        D=rand(d) if D else None,
-        z=rand(batch, d, length) if z else None,
-        delta_bias=rand(d, scale=0.3) if delta_bias else None,
-    )
-
-
-def reference_grads(inputs, delta_softplus, dout):
-    """Output and gradients of sum(out * dout) through the reference, in float64."""
-    leaves = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
-    out = selective_scan_reference(**leaves, delta_softplus=delta_softplus)
-    wrt = [leaves[k] for k in NAMES if leaves[k] is not None]
-    grads = iter(torch.autograd.grad(out, wrt, dout.double()))
-    return out.detach(), {k: (next(grads) if leaves[k] is not None else None) for k in NAMES}
-
-
 def check_close(name, got, want, tol):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got.double() - want).abs().max().item()
-    scale = want.abs().max().item() + 1e-12
-    assert err <= tol * scale, f"{name}: max abs error {err:.3e} vs max |ref| {scale:.3e} (tol {tol:g})"
+    err = rel_err(got, want)
+    assert err <= tol, f"{name}: max abs error / max |ref| = {err:.3e} (tol {tol:g})"
 
 
 def run_and_compare(batch, d, length, n, dtype=torch.float64, softplus=True, tol=1e-10, **opts):
-    inputs = make_inputs(batch, d, length, n, dtype=dtype, **opts)
-    args = [inputs[k] for k in NAMES]
+    inputs = make_inputs(batch, d, length, n, dtype=dtype, device=DEVICE, **opts)
+    args = as_args(inputs)
     out, ckpt = scan_triton.forward(*args, softplus)
     assert out.dtype == dtype and out.shape == inputs["u"].shape
     assert ckpt.dtype == dtype and tuple(ckpt.shape) == scan_triton.checkpoint_shape(batch, d, length, n)
@@ -138,8 +110,8 @@ def test_default_tiles_cuda(monkeypatch, batch, d, length, n, dtype, tol):
 
 def test_checkpoints_are_chunk_end_states():
     batch, d, length, n = 1, 4, 2 * CHUNK + 3, 4
-    inputs = make_inputs(batch, d, length, n, z=False, D=False)
-    _, ckpt = scan_triton.forward(*[inputs[k] for k in NAMES], True)
+    inputs = make_inputs(batch, d, length, n, dtype=torch.float64, device=DEVICE, z=False, D=False)
+    _, ckpt = scan_triton.forward(*as_args(inputs), True)
     delta = torch.nn.functional.softplus(inputs["delta"] + inputs["delta_bias"][None, :, None])
     h = torch.zeros(batch, d, n, dtype=torch.float64, device=DEVICE)
     for t in range(length):
@@ -155,7 +127,7 @@ def test_through_public_entry_point(monkeypatch):
     # entry before TRITON_INTERPRET was set, so drop it for this test (monkeypatch restores it)
     monkeypatch.delitem(scan_mod._availability, "triton", raising=False)
     assert scan_mod.backend_status("triton")[0]
-    inputs = make_inputs(2, 4, 2 * CHUNK + 3, 4, dtype=torch.float32)
+    inputs = make_inputs(2, 4, 2 * CHUNK + 3, 4, dtype=torch.float32, device=DEVICE)
     leaves = {k: (v.clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
     out = selective_scan(**leaves, delta_softplus=True, backend="triton")
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -170,8 +142,8 @@ def test_fake_tensor_shapes_match():
     # the custom op's fake implementation (torch.compile tracing) must agree with the real checkpoints
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    inputs = make_inputs(2, 4, 2 * CHUNK + 3, 4, dtype=torch.float32)
-    args = [inputs[k] for k in NAMES]
+    inputs = make_inputs(2, 4, 2 * CHUNK + 3, 4, dtype=torch.float32, device=DEVICE)
+    args = as_args(inputs)
     real_out, real_ckpt = scan_mod._fused_fwd(*args, True, "triton")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_args = [mode.from_tensor(a) if a is not None else None for a in args]
@@ -181,8 +153,8 @@ def test_fake_tensor_shapes_match():
 
 
 def test_rejects_bad_inputs():
-    inputs = make_inputs(1, 4, 5, 4, dtype=torch.float32)
-    args = [inputs[k] for k in NAMES]
+    inputs = make_inputs(1, 4, 5, 4, dtype=torch.float32, device=DEVICE)
+    args = as_args(inputs)
     with pytest.raises(TypeError):
         scan_triton.forward(*[a.half() if a is not None else None for a in args], True)
     _, ckpt = scan_triton.forward(*args, True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from emamba.ops import BACKENDS, available_backends, selective_scan, selective_scan_reference
+from scan_inputs import make_inputs, reference_grads
 
 # `emamba.ops.selective_scan` is also the name of the re-exported function, so fetch the module itself.
 scan_mod = importlib.import_module("emamba.ops.selective_scan")
@@ -23,27 +24,6 @@ CASES = [("cpu", b) for b in CPU_BACKENDS] + [("cuda", b) for b in CUDA_BACKENDS
 OPTIONS = list(itertools.product([False, True], repeat=4))  # z, D, delta_bias, softplus
 
 
-def make_inputs(batch, d, length, n, dtype=torch.float32, device="cpu", z=True, D=True, delta_bias=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
-
-    inputs = dict(
-        u=rand(batch, d, length),
-        delta=rand(batch, d, length, scale=0.5),
-        A=-torch.exp(rand(d, n, scale=0.5)),
-        B=rand(batch, n, length),
-        C=rand(batch, n, length),
-        D=rand(d) if D else None,
-        z=rand(batch, d, length) if z else None,
-        delta_bias=rand(d, scale=0.3) if delta_bias else None,
-    )
-    if not delta_bias:  # without softplus a negative delta would make the recurrence explode
-        inputs["delta"] = inputs["delta"].abs() * 0.5
-    return inputs
-
-
 def run_with_grads(fn, inputs, softplus, dout):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
     args = {k: leaves.get(k) for k in inputs}
@@ -55,10 +35,12 @@ def run_with_grads(fn, inputs, softplus, dout):
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("use_z,use_D,use_bias,softplus", OPTIONS)
 def test_backend_matches_reference(device, backend, use_z, use_D, use_bias, softplus):
-    inputs = make_inputs(2, 6, 37, 8, device=device, z=use_z, D=use_D, delta_bias=use_bias, seed=1)
-    ref_inputs = {k: v.double() if v is not None else None for k, v in inputs.items()}
+    # without delta_bias (and possibly without softplus) a negative delta would make the recurrence explode
+    inputs = make_inputs(2, 6, 37, 8, device=device, z=use_z, D=use_D, delta_bias=use_bias, seed=1,
+                         positive_delta_without_bias=True)
     dout = torch.randn(2, 6, 37, generator=torch.Generator().manual_seed(2)).to(device)
-    y_ref, g_ref = run_with_grads(selective_scan_reference, ref_inputs, softplus, dout.double())
+    y_ref, g_ref = reference_grads(inputs, softplus, dout)
+    g_ref = {k: v for k, v in g_ref.items() if v is not None}
     y, grads = run_with_grads(lambda **kw: selective_scan(**kw, backend=backend), inputs, softplus, dout)
     assert y.dtype == torch.float32 and y.shape == (2, 6, 37)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
@@ -72,9 +54,8 @@ def test_backend_matches_reference(device, backend, use_z, use_D, use_bias, soft
 def test_lengths(device, backend, length):
     """Lengths below, at and across chunk boundaries (chunks are 16-64 steps in the fused kernels)."""
     inputs = make_inputs(1, 3, length, 4, device=device, seed=length)
-    ref = {k: v.double() if v is not None else None for k, v in inputs.items()}
     dout = torch.randn(1, 3, length, generator=torch.Generator().manual_seed(3)).to(device)
-    y_ref, g_ref = run_with_grads(selective_scan_reference, ref, True, dout.double())
+    y_ref, g_ref = reference_grads(inputs, True, dout)
     y, grads = run_with_grads(lambda **kw: selective_scan(**kw, backend=backend), inputs, True, dout)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
     for name in g_ref:

@@ -157,6 +157,31 @@ def describe_key_mismatch(missing: Iterable[str], unexpected: Iterable[str], lim
 
 
 # ------------------------------------------------------------------------------------------------ RNG
+def load_model_weights(model: torch.nn.Module, state: Mapping[str, Any], source: str | os.PathLike,
+                       use_ema: bool = False) -> None:
+    """Load the weights of a training state (``model`` or ``model_ema``) or a plain state dict, strictly.
+
+    EMamba models first pass them through :func:`emamba.models.checkpoint_filter_fn` (original SiMBA
+    layout); a mismatch raises :class:`CheckpointError` listing the missing and unexpected keys.
+    """
+    from ..models import EMamba, checkpoint_filter_fn
+
+    key = "model_ema" if use_ema else "model"
+    if use_ema and not isinstance(state.get(key), dict):
+        raise CheckpointError(f"checkpoint {source} has no EMA weights (train with --model-ema)")
+    weights = state[key] if isinstance(state.get(key), dict) else state
+    if isinstance(model, EMamba):
+        weights = checkpoint_filter_fn(weights, model)
+    name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shape mismatches (e.g. another class count) raise even when not strict
+        raise CheckpointError(f"checkpoint {source} does not fit {name}: {exc}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {source} does not fit {name}: "
+                              + describe_key_mismatch(result.missing_keys, result.unexpected_keys))
+
+
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states as weights_only-loadable plain types."""
     np_state = np.random.get_state()

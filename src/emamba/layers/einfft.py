@@ -18,23 +18,36 @@ FFT_MODES = ("tokens_blocks", "tokens")
 
 
 def _complex_block_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """x @ (W_r + i W_i) + (b_r + i b_i) for every channel block at once, as one complex batched GEMM.
+    """x @ (W_r + i W_i) + (b_r + i b_i) for every channel block at once, as one *real* batched GEMM.
 
-    x: complex (..., num_blocks, block_size), any strides; weight: (2, num_blocks, block_size, block_size);
-    bias: (2, num_blocks, block_size). The complex weights are packed once per call (a tiny copy); the
-    GEMM reads x through its strides and the complex product does exactly
-    (x_r W_r - x_i W_i) + i (x_r W_i + x_i W_r), what the released real/imaginary formulation computes,
-    without splitting x into halves or concatenating them back.
+    x: real (num_blocks, M, 2 * block_size), each complex value stored as an adjacent (re, im) pair (the
+    memory layout of ``torch.view_as_real``); weight: (2, num_blocks, block_size, block_size);
+    bias: (2, num_blocks, block_size). Returns (num_blocks, M, 2 * block_size) in the same layout.
+
+    The complex weight is expanded once per call (a tiny copy) to the real 2x2-block matrix
+    [[W_r, W_i], [-W_i, W_r]] with rows/columns interleaved like x, so one real GEMM (bias fused) computes
+    exactly (x_r W_r - x_i W_i) + i (x_r W_i + x_i W_r), what the released real/imaginary formulation
+    does, with the multiply count of a complex GEMM. Staying real between the two FFTs is what lets
+    inductor fuse the elementwise work and the ONNX exporter translate the layer (neither handles complex
+    matmuls).
     """
-    num_blocks, block_size = x.shape[-2:]
-    w = torch.complex(weight[0], weight[1])
-    out = torch.bmm(x.reshape(-1, num_blocks, block_size).transpose(0, 1), w)
-    return out.transpose(0, 1).reshape(x.shape) + torch.complex(bias[0], bias[1])
+    num_blocks, _, width = x.shape
+    w_r, w_i = weight[0], weight[1]
+    w = torch.stack((torch.stack((w_r, w_i), dim=-1), torch.stack((-w_i, w_r), dim=-1)), dim=2)
+    w = w.reshape(num_blocks, width, width)  # (blocks, [in, re/im], [out, re/im])
+    b = torch.stack((bias[0], bias[1]), dim=-1).reshape(num_blocks, 1, width)
+    return torch.baddbmm(b, x, w)
 
 
-def _on_parts(fn, x: Tensor) -> Tensor:
-    """Apply a real elementwise function to the real and the imaginary parts of x (no split/cat)."""
-    return torch.view_as_complex(fn(torch.view_as_real(x)))
+# Per FFT mode: the dims the FFT runs over (the last, contiguous ones of the layout it is given), the
+# permutation from (batch, tokens, blocks, bs) to that layout and back, and the permutation from that
+# layout to the (blocks, batch, tokens, bs) order of the block GEMMs and back.
+_LAYOUTS = {
+    "tokens_blocks": dict(fft_dims=(2, 3), to_fft=(0, 3, 1, 2), from_fft=(0, 2, 3, 1),
+                          to_gemm=(3, 0, 2, 1), from_gemm=(1, 3, 2, 0)),
+    "tokens": dict(fft_dims=(3,), to_fft=(0, 2, 3, 1), from_fft=(0, 3, 1, 2),
+                   to_gemm=(1, 0, 3, 2), from_gemm=(1, 0, 3, 2)),
+}
 
 
 class EinFFT(nn.Module):
@@ -77,22 +90,21 @@ class EinFFT(nn.Module):
         batch, tokens, channels = x.shape
         in_dtype = x.dtype
         nb, bs = self.num_blocks, self.block_size
-        # The FFTs run over the last (contiguous) dims: (batch, bs, tokens, blocks) for "tokens_blocks",
-        # (batch, blocks, bs, tokens) for "tokens"; the block GEMMs read the spectrum through a permuted
-        # view in the (batch, tokens, blocks, bs) order. Same transform, same values, faster FFTs.
-        perm = (0, 3, 1, 2) if self.fft_mode == "tokens_blocks" else (0, 2, 3, 1)
-        inv = (0, 2, 3, 1) if self.fft_mode == "tokens_blocks" else (0, 3, 1, 2)
-        fft_dims = (2, 3) if self.fft_mode == "tokens_blocks" else (3,)
+        lay = _LAYOUTS[self.fft_mode]
         with autocast_disabled(x.device.type):
-            h = x.float().reshape(batch, tokens, nb, bs).permute(perm)
-            h = torch.fft.fftn(h, dim=fft_dims, norm="ortho").permute(inv)
-            h = _complex_block_linear(h, self.complex_weight_1.float(), self.complex_bias_1.float())
-            h = _on_parts(F.relu, h)
+            # FFTs over contiguous dims; the spectrum is then copied once into the GEMM layout as
+            # interleaved (re, im) reals, where it stays for both complex layers: ReLU and soft-shrink act
+            # on the real and imaginary parts separately, as in the paper.
+            h = x.float().reshape(batch, tokens, nb, bs).permute(lay["to_fft"])
+            h = torch.fft.fftn(h, dim=lay["fft_dims"], norm="ortho").permute(lay["to_gemm"])
+            h = torch.view_as_real(h).reshape(nb, batch * tokens, 2 * bs)
+            h = F.relu(_complex_block_linear(h, self.complex_weight_1.float(), self.complex_bias_1.float()))
             h = _complex_block_linear(h, self.complex_weight_2.float(), self.complex_bias_2.float())
             if self.sparsity_threshold:
-                h = _on_parts(lambda t: F.softshrink(t, self.sparsity_threshold), h)
-            h = torch.fft.ifftn(h.permute(perm), dim=fft_dims, norm="ortho").real
-            out = h.permute(inv).reshape(batch, tokens, channels)
+                h = F.softshrink(h, self.sparsity_threshold)
+            h = torch.view_as_complex(h.reshape(nb, batch, tokens, bs, 2)).permute(lay["from_gemm"])
+            h = torch.fft.ifftn(h, dim=lay["fft_dims"], norm="ortho").real
+            out = h.permute(lay["from_fft"]).reshape(batch, tokens, channels)
         return out.to(in_dtype)
 
     def extra_repr(self) -> str:
