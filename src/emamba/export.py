@@ -48,12 +48,14 @@ def scan_backend(model: nn.Module, backend: str) -> Iterator[nn.Module]:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True,
-                verify: bool = True) -> dict[str, Any]:
+                verify: bool = True, optimize: bool = True) -> dict[str, Any]:
     """Write ``model`` (eval mode) as ONNX to ``path``; returns a summary (and ``max_abs_diff`` if verified).
 
     The input's spatial size is fixed by ``example``; with ``dynamic_batch`` its batch size is not.
     Verification runs the file with onnxruntime when it is installed and raises if it disagrees with the
-    PyTorch model beyond float tolerance.
+    PyTorch model beyond float tolerance. ``optimize`` runs onnxscript's graph optimizer (constant
+    folding, fusions); on the full-size models its pattern matching over the unrolled scan takes longer
+    than the export itself (see the README), so the CLI offers ``--no-optimize``.
     """
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it; fail with the fix, not a traceback)
@@ -66,9 +68,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynam
     start = time.perf_counter()
     with scan_backend(model, "torch"), torch.no_grad():
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    input_names=["images"], output_names=["logits"], verbose=False)
+                                    input_names=["images"], output_names=["logits"], verbose=False,
+                                    optimize=optimize)
     program.save(str(path))
-    summary: dict[str, Any] = {"path": str(path), "format": "onnx", "export_s": time.perf_counter() - start,
+    summary: dict[str, Any] = {"path": str(path), "format": "onnx", "optimized": optimize,
+                               "export_s": time.perf_counter() - start,
                                "size_mb": path.stat().st_size / 2**20}
     if verify:
         try:
@@ -100,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file: .onnx or .pt2 (torch.export program)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size in the exported graph")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the onnxruntime check")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="skip onnxscript's graph optimizer (much faster export of the full-size models)")
     return p
 
 
@@ -139,7 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = _build(args)
         example = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size)
         if out.suffix == ".onnx":
-            summary = export_onnx(model, example, out, dynamic_batch=not args.static_batch, verify=args.verify)
+            summary = export_onnx(model, example, out, dynamic_batch=not args.static_batch, verify=args.verify,
+                                  optimize=args.optimize)
         else:
             start = time.perf_counter()
             dynamic = None if args.static_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)

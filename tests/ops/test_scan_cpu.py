@@ -79,11 +79,13 @@ def test_lengths(L, dtype, tol):
     check_against_reference(inputs, True, tol)
 
 
-@pytest.mark.parametrize("n", [1, 7, 16, 33])
-def test_state_sizes(n):
-    # State sizes that are not multiples of the SIMD width exercise the vector-loop remainders.
-    inputs = cpu_inputs(1, 2, CHUNK + 9, n, torch.float32, seed=n)
-    check_against_reference(inputs, True, 1e-4)
+@pytest.mark.parametrize("n", [1, 7, 8, 16, 32, 33, 64])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+def test_state_sizes(n, dtype, tol):
+    # 8, 16, 32 and 64 run the kernel's compile-time-n loops (state held in registers), the others the
+    # run-time-n loops; sizes that are not multiples of the SIMD width exercise the vector-loop remainders.
+    inputs = cpu_inputs(1, 2, CHUNK + 9, n, dtype, seed=n)
+    check_against_reference(inputs, True, tol)
 
 
 def test_fp32_realistic_size():
