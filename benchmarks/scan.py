@@ -1,9 +1,11 @@
 """Selective-scan backends at the EMamba-S stage shapes: time, peak memory, ratios and roofline.
 
 Every (backend, shape, mode) runs in a fresh subprocess so that its peak memory is its own:
-``peak extra`` = the process's peak resident memory (VmHWM, reset after the warm-up call, with freed
-memory handed back to the OS; see ``emamba.memory``) during the timed calls minus its resident memory
-just before them (inputs already allocated). On CUDA it is
+``peak extra`` = the process's peak resident memory (VmHWM, reset with freed memory handed back to the OS;
+see ``emamba.memory``) during one extra call after the timed ones, minus its resident memory just before
+it (inputs already allocated). The times are taken before that, with glibc's default allocator
+behaviour: handing memory back makes every large allocation page-fault, which once inflated the
+reference loop's times by up to 100x. On CUDA it is
 ``max_memory_allocated`` minus the memory allocated before the timed calls. Times are medians of ``--repeats`` runs after one warm-up.
 
 Ratios are ``time(baseline) / time(backend)`` against the sequential ``reference`` loop and against
@@ -107,12 +109,16 @@ def worker(backend: str, shape: str, mode: str, repeats: int, device: str) -> di
             torch.cuda.synchronize()
 
     step()  # warm-up (and the first-use kernel load)
-    base = reset_peak(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    # Peak memory from one more call after the timed ones: on CPU, measuring it makes glibc hand freed
+    # memory back to the OS (emamba.memory), and the page faults that follow slowed allocation-heavy
+    # backends (reference, pscan) by up to 100x when the times were taken in that mode.
+    base = reset_peak(device)
+    step()
     peak = peak_bytes(device) - base
     return {"backend": backend, "shape": shape, "mode": mode, "median_s": statistics.median(times),
             "times_s": times, "peak_extra_mb": max(peak, 0) / 2**20, "threads": torch.get_num_threads()}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from emamba import cli
 from emamba.flops import model_flops
@@ -74,6 +75,29 @@ def test_full_flops_count_the_scan_and_ffts():
 def test_flops_rejects_unknown_model():
     with pytest.raises(SystemExit):
         cli.main(["flops", "resnet50"])
+
+
+def test_benchmark_times_are_taken_before_the_memory_measurement(monkeypatch, capsys):
+    # Measuring CPU peak memory switches glibc to handing freed memory back to the OS; steps timed after
+    # that page-fault on every large allocation (it once inflated the reference scan's times 100x), so the
+    # peak must come from an extra step after all timed ones.
+    import emamba.memory
+    from emamba.models import EMamba
+
+    events = []
+    real_reset = emamba.memory.reset_peak
+    monkeypatch.setattr(emamba.memory, "reset_peak", lambda *a: events.append("reset") or real_reset(*a))
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        # real steps only: the GMACs count runs one more forward on the meta device
+        lambda mod, args: events.append("step") if isinstance(mod, EMamba) and not args[0].is_meta else None)
+    try:
+        argv = ["benchmark", "--model", "emamba_tiny", "--bench", "infer", "--batch-size", "1", "--img-size", "32",
+                "--num-warm-iter", "1", "--num-bench-iter", "3", "--json"]
+        assert cli.main(argv) == 0
+    finally:
+        hook.remove()
+    assert events == ["step"] * 4 + ["reset", "step"]
+    assert len(last_json(capsys.readouterr().out)["step_ms_all"]) == 3
 
 
 @pytest.mark.parametrize("bench", ["infer", "train"])
