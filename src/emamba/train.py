@@ -34,6 +34,8 @@ from .engine.checkpoint import (FORMAT, CheckpointError, CheckpointManager, desc
 from .engine.classification import (DistInfo, NonFiniteLossError, ResumableDistributedSampler, SeededDataset,
                                     ShardSampler, TrainState, barrier, cleanup_distributed, derive_seed, evaluate,
                                     init_distributed, seed_everything, train_one_epoch)
+from .engine.fsdp import (full_model_state_dict, full_optimizer_state_dict, fsdp_unavailable_reason,
+                          load_full_optimizer_state_dict, shard_model, sharded_model_ema)
 
 __all__ = ["main", "build_parser", "parse_args", "BUNDLED_DEFAULTS", "ConfigError"]
 
@@ -181,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many completed epochs as if interrupted (the schedule still spans --epochs)")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     g.add_argument("--dist-backend", default="auto", help="auto = nccl on GPU, gloo on CPU")
+    g.add_argument("--fsdp", action="store_true", default=False,
+                   help="shard the model, gradients and optimizer state with FSDP2 (one unit per residual block) "
+                        "instead of replicating it with DDP; EMamba models (see docs/training.md)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
@@ -248,6 +253,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "accum_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.fsdp and not args.model.startswith("emamba"):
+        raise ConfigError(f"--fsdp shards EMamba models (one FSDP unit per residual block); train {args.model} "
+                          "with DDP (without --fsdp)")
+    if args.fsdp and args.clip_grad and args.clip_mode == "agc":
+        raise ConfigError("--clip-mode agc is not supported with --fsdp (use --clip-mode norm or value)")
     if args.token_label and not args.model.startswith("emamba"):
         raise ConfigError("--token-label needs an EMamba model (it uses the token-label aux head and MixToken)")
     if args.token_label and args.token_label_size and args.token_label_size * 32 != args.img_size:
@@ -485,7 +495,9 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dist_info = init_distributed(args.dist_backend, args.device)
+    if args.fsdp and fsdp_unavailable_reason():
+        raise ConfigError(f"--fsdp: {fsdp_unavailable_reason()}")
+    dist_info = init_distributed(args.dist_backend, args.device, require_group=args.fsdp)
     device = dist_info.device
     out = _prepare_output_dir(args, dist_info.rank)
     seed_everything(derive_seed("init", args.seed))
@@ -530,6 +542,25 @@ def run(args: argparse.Namespace) -> int:
             f"; classifier replaced, dropped keys: {', '.join(dropped)}" if dropped else ""))
     model.to(device)
 
+    # EMA: a copy of the unsharded model (FSDP modules cannot be deep-copied); under --fsdp that copy is then
+    # sharded exactly like the model, so its update is a local lerp of matching shards
+    model_ema = None
+    if args.model_ema and not args.eval:
+        ema_cls = sharded_model_ema if args.fsdp else ModelEmaV3
+        model_ema = ema_cls(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if resume_state is not None:
+            if resume_state.get("model_ema") is not None:
+                _load_exact(model_ema.module, resume_state["model_ema"], args.resume, "model_ema")
+            else:
+                _log(dist_info, "note: the checkpoint has no EMA weights; the EMA starts from the resumed model")
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist_info.world_size,))
+        shard_model(model, mesh)
+        if model_ema is not None:
+            shard_model(model_ema.module, mesh)
+
     val_loader = torch.utils.data.DataLoader(
         val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=args.pin_mem,
         sampler=ShardSampler(len(val_ds), dist_info.world_size, dist_info.rank))
@@ -566,8 +597,14 @@ def run(args: argparse.Namespace) -> int:
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+    scaler = None
+    if args.amp == "fp16":
+        if args.fsdp:  # agrees on inf/NaN across ranks: each rank only sees its own gradient shards
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler = ShardedGradScaler(device.type)
+        else:
+            scaler = torch.amp.GradScaler(device.type)
 
     mixup_fn = None
     mixup_active = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and not args.token_label
@@ -592,15 +629,17 @@ def run(args: argparse.Namespace) -> int:
 
     state = TrainState()
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if args.fsdp:
+            try:
+                load_full_optimizer_state_dict(model, optimizer, resume_state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"checkpoint {args.resume}: the optimizer state does not fit this run "
+                                      f"({type(exc).__name__}: {exc})") from None
+        else:
+            optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
-        if model_ema is not None:
-            if resume_state.get("model_ema") is not None:
-                _load_exact(model_ema.module, resume_state["model_ema"], args.resume, "model_ema")
-            else:
-                _log(dist_info, "note: the checkpoint has no EMA weights; the EMA starts from the resumed model")
         for key in state.as_dict():
             if key in resume_state:
                 setattr(state, key, type(getattr(state, key))(resume_state[key]))
@@ -616,10 +655,10 @@ def run(args: argparse.Namespace) -> int:
             _log(dist_info, f"{args.resume} already finished all {num_epochs} epochs; nothing to do")
             return 0
 
-    if dist_info.distributed:
+    if dist_info.distributed and not args.fsdp:
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    unwrapped = model.module if dist_info.distributed else model
+    unwrapped = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     ckpt = CheckpointManager(out, keep=args.keep_checkpoints)
     summary = None
@@ -644,12 +683,22 @@ def run(args: argparse.Namespace) -> int:
               f"{dist_info.world_size} process(es) on {device.type}, global batch {global_batch}, lr {lr:.3g} | "
               f"output {out}", flush=True)
 
-    def training_state() -> dict[str, Any]:
+    def gather_weights(with_optimizer: bool = True) -> dict[str, Any]:
+        """Full (unsharded) model, EMA and optimizer states. Under --fsdp a collective: every rank must call it,
+        and only rank 0 gets the tensors (on CPU); with DDP they are the live state dicts."""
+        if args.fsdp:
+            return {"model": full_model_state_dict(model),
+                    "model_ema": full_model_state_dict(model_ema.module) if model_ema is not None else None,
+                    "optimizer": full_optimizer_state_dict(model, optimizer) if with_optimizer else None}
+        return {"model": unwrapped.state_dict(),
+                "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+                "optimizer": optimizer.state_dict() if with_optimizer else None}
+
+    def training_state(weights: dict[str, Any]) -> dict[str, Any]:
         return {
             "format": FORMAT, "format_version": 1, "model_name": args.model, "num_classes": num_classes,
-            "model": unwrapped.state_dict(),
-            "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": to_plain(scheduler.state_dict()),
+            "model": weights["model"], "model_ema": weights["model_ema"],
+            "optimizer": weights["optimizer"], "scheduler": to_plain(scheduler.state_dict()),
             "scaler": scaler.state_dict() if scaler is not None else None,
             **state.as_dict(), "world_size": dist_info.world_size, "batch_size": args.batch_size,
             "rng": get_rng_state(), "args": to_plain(vars(args)), "classes": list(train_ds.classes),
@@ -678,8 +727,9 @@ def run(args: argparse.Namespace) -> int:
                     log_interval=args.log_interval)
                 train_time = time.perf_counter() - t0
                 if not finished:
+                    weights = gather_weights()
                     if dist_info.is_main:
-                        path = ckpt.save(training_state(), epoch_end=False, is_best=False)
+                        path = ckpt.save(training_state(weights), epoch_end=False, is_best=False)
                         print(f"interrupted in epoch {epoch + 1} after {state.step_in_epoch}/{num_batches} batches; "
                               f"resumable checkpoint: {path} (continue with --resume {path})", flush=True)
                     barrier()
@@ -697,13 +747,14 @@ def run(args: argparse.Namespace) -> int:
                 is_best = metrics["top1"] > state.best_top1
                 if is_best:
                     state.best_top1, state.best_epoch = metrics["top1"], epoch + 1
+                weights = gather_weights()
                 if dist_info.is_main:
-                    ckpt.save(training_state(), epoch_end=True, is_best=is_best)
+                    ckpt.save(training_state(weights), epoch_end=True, is_best=is_best)
                     if is_best:
                         meta = {"model": args.model, "epoch": str(epoch + 1), "val_top1": f"{metrics['top1']:.3f}"}
-                        save_safetensors(unwrapped.state_dict(), out / "best.safetensors", meta)
+                        save_safetensors(weights["model"], out / "best.safetensors", meta)
                         if model_ema is not None:
-                            save_safetensors(model_ema.module.state_dict(), out / "best_ema.safetensors", meta)
+                            save_safetensors(weights["model_ema"], out / "best_ema.safetensors", meta)
                     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": metrics["loss"],
                            "val_top1": metrics["top1"], "val_top5": metrics["top5"],
                            "ema_val_loss": ema_metrics["loss"] if ema_metrics else None,
@@ -740,8 +791,9 @@ def run(args: argparse.Namespace) -> int:
                 tb.close()
     if exit_code:
         return exit_code
+    weights = gather_weights(with_optimizer=False)
     if dist_info.is_main:
-        save_safetensors(unwrapped.state_dict(), out / "last.safetensors", {"model": args.model})
+        save_safetensors(weights["model"], out / "last.safetensors", {"model": args.model})
         print("\n" + summary.table())
         print(f"best val top-1 {state.best_top1:.2f} at epoch {state.best_epoch} | files in {out}: last.pth, best.pth, "
               f"best.safetensors, last.safetensors, summary.csv, summary.jsonl, curves.png, config.yaml", flush=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -103,5 +106,11 @@ def test_make_token_labels_then_train(tmp_path, capsys):
     assert "Mixup/CutMix are off" in capsys.readouterr().out
     state = torch.load(out / "last.pth", weights_only=True)
     assert "aux_head.weight" in state["model"]
+    # the same run with FSDP (one process): the token-label heads and MixToken shard like the rest
+    with open(out / "summary.jsonl") as f:
+        loss = json.loads(f.readline())["train_loss"]
+    assert train.main(args + ["--output_dir", str(tmp_path / "fsdp"), "--fsdp"]) == 0
+    with open(tmp_path / "fsdp" / "summary.jsonl") as f:
+        assert json.loads(f.readline())["train_loss"] == pytest.approx(loss, rel=1e-4)
     assert train.main(args + ["--token-label-size", "3"]) == 2
     assert tl.main(["--teacher", "resnet18", "--data-path", str(tmp_path / "nope"), "--out", str(maps)]) == 2

@@ -156,26 +156,117 @@ def test_shard_sampler_counts_each_image_once():
             assert sorted(i for s in shards for i in s) == list(range(length))
 
 
-def test_two_process_torchrun_cpu(tmp_path):
-    out = tmp_path / "ddp"
+def torchrun_cpu(args: list[str], timeout: int = 300) -> tuple[str, str]:
+    """Run a 2-process torchrun job on the CPU (gloo, one thread each); fail the test on timeout or error.
+
+    ``args`` follow torchrun's own options: ``["-m", "emamba.train", ...]`` or ``[script, ...]``.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EMAMBA_SCAN_BACKEND": "torch"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0",
-           "-m", "emamba.train", "--output_dir", str(out), "--epochs", "1", "--max-train-samples", "32",
-           "--max-val-samples", "37", "--batch-size", "4", "--no-progress", "--num_workers", "0"]
+           "--rdzv-endpoint=localhost:0"] + args
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers: leave nothing running
-        proc.communicate()
-        pytest.fail("the 2-process torchrun job did not finish in 300 s")
+        # the workers run in sessions of their own: SIGTERM makes torchrun stop them (SIGKILL after its grace
+        # period) before it exits; SIGKILL the launcher only if that does not happen
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        pytest.fail(f"the 2-process torchrun job did not finish in {timeout} s")
     assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    return stdout, stderr
+
+
+def test_two_process_torchrun_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun_cpu(["-m", "emamba.train", "--output_dir", str(out), "--epochs", "1", "--max-train-samples", "32",
+                  "--max-val-samples", "37", "--batch-size", "4", "--no-progress", "--num_workers", "0"])
     last = rows(out)[-1]
     assert last["epoch"] == 1 and last["val_images"] == 37  # every val image exactly once, no padding
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["world_size"] == 2 and state["global_step"] == 4  # 32 images / (2 processes x 4)
+
+
+# 16 images = 2 processes x batch 4 x 2 accumulation steps: 1 update per epoch; 9 val images: 2 batches on
+# rank 0, 1 on rank 1 (the sharded model must still run as many forwards on both); EMA, clipping, drop path
+FSDP_COMMON = ["--epochs", "2", "--max-train-samples", "16", "--max-val-samples", "9", "--batch-size", "4",
+               "--no-progress", "--num_workers", "0", "--seed", "7", "--accum-steps", "2", "--clip-grad", "1.0",
+               "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--threads", "1"]
+LOSS_KEYS = ("train_loss", "val_loss", "ema_val_loss")
+
+
+def assert_same_checkpoint_layout(a: dict, b: dict) -> None:
+    """Same keys, and the same tensor shapes and dtypes in the model, EMA and optimizer states."""
+    assert set(a) == set(b)
+    for key in ("model", "model_ema"):
+        assert list(a[key]) == list(b[key]), key
+        for name in a[key]:
+            assert (a[key][name].shape, a[key][name].dtype) == (b[key][name].shape, b[key][name].dtype), name
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert set(opt_a["state"]) == set(opt_b["state"])
+    assert len(opt_a["state"]) == sum(len(g["params"]) for g in opt_a["param_groups"])  # every parameter
+    for index, entry in opt_a["state"].items():
+        assert set(entry) == set(opt_b["state"][index])
+        for k, v in entry.items():
+            assert v.shape == opt_b["state"][index][k].shape, (index, k)
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+
+
+def test_two_process_fsdp_matches_ddp_and_resumes(tmp_path):
+    """2 CPU processes (gloo): --fsdp gives DDP's losses, a DDP-format checkpoint, and resumes exactly.
+
+    All runs go through one torchrun launch (tests/engine/torchrun_sequence.py) to pay the start-up once:
+    DDP and FSDP for 2 epochs; FSDP stopped after epoch 1 and resumed; FSDP resumed from the DDP run's
+    epoch-1 checkpoint and DDP from the FSDP one.
+    """
+    runs = {name: tmp_path / name for name in ("ddp", "fsdp", "split", "ddp2fsdp", "fsdp2ddp")}
+    sequence = [
+        FSDP_COMMON + ["--output_dir", str(runs["ddp"])],
+        FSDP_COMMON + ["--output_dir", str(runs["fsdp"]), "--fsdp"],
+        FSDP_COMMON + ["--output_dir", str(runs["split"]), "--fsdp", "--stop-epoch", "1"],
+        FSDP_COMMON + ["--output_dir", str(runs["split"]), "--fsdp", "--resume", str(runs["split"] / "last.pth")],
+        FSDP_COMMON + ["--output_dir", str(runs["ddp2fsdp"]), "--fsdp", "--resume",
+                       str(runs["ddp"] / "checkpoint-1.pth")],
+        FSDP_COMMON + ["--output_dir", str(runs["fsdp2ddp"]), "--resume", str(runs["fsdp"] / "checkpoint-1.pth")],
+    ]
+    script = Path(__file__).with_name("torchrun_sequence.py")
+    torchrun_cpu([str(script), json.dumps(sequence)], timeout=400)
+
+    ddp, fsdp = rows(runs["ddp"]), rows(runs["fsdp"])
+    assert [r["epoch"] for r in fsdp] == [1, 2] and fsdp[-1]["val_images"] == 9
+    for r_ddp, r_fsdp in zip(ddp, fsdp):  # the same averaged gradients: equal up to float rounding
+        for key in LOSS_KEYS:
+            assert r_fsdp[key] == pytest.approx(r_ddp[key], rel=1e-5), (r_ddp["epoch"], key)
+    assert [r["val_top1"] for r in fsdp] == [r["val_top1"] for r in ddp]
+
+    state_ddp = torch.load(runs["ddp"] / "last.pth", weights_only=True)
+    state_fsdp = torch.load(runs["fsdp"] / "last.pth", weights_only=True)
+    assert_same_checkpoint_layout(state_fsdp, state_ddp)
+    assert state_fsdp["world_size"] == 2 and state_fsdp["global_step"] == 2 and state_fsdp["args"]["fsdp"]
+    for name, tensor in state_fsdp["model"].items():
+        assert torch.allclose(tensor, state_ddp["model"][name].cpu(), rtol=1e-3, atol=1e-5), name
+    from safetensors.torch import load_file
+
+    assert set(load_file(runs["fsdp"] / "last.safetensors")) == set(state_ddp["model"])
+    assert set(load_file(runs["fsdp"] / "best_ema.safetensors")) == set(state_ddp["model_ema"])
+
+    # stopped after epoch 1 and resumed: the same epochs as the uninterrupted FSDP run. (Not the EMA's: as
+    # with DDP, only rank 0's EMA BatchNorm statistics are saved, and rank 1 evaluates its shard with them.)
+    split = rows(runs["split"])
+    assert [r["epoch"] for r in split] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_top1", "lr"):
+        assert [r[key] for r in split] == [r[key] for r in fsdp], key
+    # either format resumes into the other kind of run
+    for name, reference in (("ddp2fsdp", ddp), ("fsdp2ddp", fsdp)):
+        resumed = rows(runs[name])
+        assert [r["epoch"] for r in resumed] == [2], name
+        for key in ("train_loss", "val_loss"):
+            assert resumed[0][key] == pytest.approx(reference[1][key], rel=1e-4), (name, key)
 
 
 def test_validate_command(tmp_path, capsys, default_run):
@@ -265,3 +356,35 @@ def test_transfer_datasets_local_only(tmp_path):
     folder = make_image_folder(tmp_path / "flowers", per_class=2, val_per_class=1)
     dataset = build_dataset("flowers102", str(folder), "train")
     assert len(dataset) == 6 and dataset.classes == ["class_0", "class_1", "class_2"]
+
+
+def test_fsdp_refuses_what_it_cannot_do(tmp_path, capsys):
+    """Early, clear errors (exit code 2) before any data is read or process group is made."""
+    assert train.main(TINY + ["--fsdp", "--model", "resnet18", "--output_dir", str(tmp_path / "a")]) == 2
+    assert "--fsdp shards EMamba models" in capsys.readouterr().err
+    assert train.main(TINY + ["--fsdp", "--clip-grad", "0.01", "--clip-mode", "agc",
+                              "--output_dir", str(tmp_path / "b")]) == 2
+    assert "--clip-mode agc is not supported with --fsdp" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not torch.distributed.is_initialized()
+
+
+def test_fsdp_single_process(tmp_path):
+    """--fsdp without torchrun runs on a one-process group: same losses and checkpoint layout as without it,
+    here with fp16 (ShardedGradScaler), accumulation, clipping, gradient checkpointing and EMA; then --eval."""
+    args = TINY + ["--epochs", "1", "--amp", "fp16", "--accum-steps", "2", "--clip-grad", "1.0",
+                   "--grad-checkpointing", "--model-ema", "--model-ema-decay", "0.9", "--seed", "4"]
+    plain, sharded = tmp_path / "plain", tmp_path / "fsdp"
+    assert train.main(args + ["--output_dir", str(plain)]) == 0
+    assert train.main(args + ["--output_dir", str(sharded), "--fsdp"]) == 0
+    assert not torch.distributed.is_initialized()  # the one-process group is torn down again
+    for key in LOSS_KEYS:
+        assert rows(sharded)[0][key] == pytest.approx(rows(plain)[0][key], rel=1e-4), key
+    state = torch.load(sharded / "last.pth", weights_only=True)
+    reference = torch.load(plain / "last.pth", weights_only=True)
+    assert_same_checkpoint_layout(state, reference)
+    assert state["global_step"] == 2 and state["scaler"]["scale"] > 0 and state["world_size"] == 1
+    assert train.main(["--output_dir", str(tmp_path / "ev"), "--eval", "--fsdp", "--resume",
+                       str(sharded / "last.pth"), "--amp", "fp16"] + TINY) == 0
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert result["loss"] == pytest.approx(rows(sharded)[0]["val_loss"], rel=1e-5) and result["count"] == 8

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from .fsdp import broadcast_buffers, is_fsdp, reshard
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -67,8 +69,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(backend: str = "auto", device: Optional[str] = None) -> DistInfo:
-    """Set up the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl on GPU, gloo on CPU."""
+def init_distributed(backend: str = "auto", device: Optional[str] = None, require_group: bool = False) -> DistInfo:
+    """Set up the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl on GPU, gloo on CPU.
+
+    ``require_group``: also create one for a single process (an in-memory store, no rendezvous), for code
+    that needs a process group even then (FSDP).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,10 +88,12 @@ def init_distributed(backend: str = "auto", device: Optional[str] = None) -> Dis
         index = dev.index if dev.index is not None else local_rank % max(torch.cuda.device_count(), 1)
         dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or require_group) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
+        if world_size == 1:
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
@@ -243,6 +251,7 @@ def train_one_epoch(
     from timm.utils import dispatch_clip_grad
 
     device = dist_info.device
+    fsdp = is_fsdp(model)
     model.train()
     start = state.step_in_epoch
     pbar = None
@@ -271,8 +280,15 @@ def train_one_epoch(
         window_len = min(accum_steps, num_batches - window_start)
         is_update = batch_idx + 1 == window_start + window_len
         sync = contextlib.nullcontext()
-        if dist_info.distributed and not is_update:
+        if fsdp:
+            if accum_steps > 1:  # FSDP2's no_sync: accumulate unsharded local grads, reduce on the last micro-step
+                model.set_requires_gradient_sync(is_update)
+        elif dist_info.distributed and not is_update:
             sync = model.no_sync()
+        if fsdp and dist_info.distributed and batch_idx == window_start:
+            # rank 0's buffers (BatchNorm statistics) to all ranks, where DDP does it: before the first forward
+            # after a gradient-syncing one, i.e. at the start of each accumulation window
+            broadcast_buffers(model)
         with sync:
             with autocast_context(device, amp):
                 output = model(x)
@@ -335,11 +351,16 @@ def train_one_epoch(
     return finished
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, dist_info: DistInfo, amp: str = "none",
              progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Top-1, top-5 (percent) and mean cross-entropy over the whole (sharded) validation set."""
+    """Top-1, top-5 (percent) and mean cross-entropy over the whole (sharded) validation set.
+
+    An FSDP-sharded model's forward is a collective, so there every rank runs as many forwards as the rank
+    with the most batches (a rank that runs out forwards a dummy batch and drops the result); the forwards
+    run under ``no_grad`` rather than ``inference_mode`` (FSDP keeps its unsharded parameters between calls).
+    """
     model = _unwrap(model)
+    fsdp = is_fsdp(model)
     was_training = model.training
     model.eval()
     device = dist_info.device
@@ -349,20 +370,34 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, dist_info: D
         from tqdm import tqdm
 
         pbar = tqdm(total=len(loader), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
-    for x, target in loader:
-        x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast_context(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        sums[0] += float(F.cross_entropy(logits, target, reduction="sum"))
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hits = topk.eq(target[:, None])
-        sums[1] += float(hits[:, :1].sum())
-        sums[2] += float(hits.sum())
-        sums[3] += target.shape[0]
-        if pbar is not None:
-            pbar.update(1)
+    extra = 0
+    if fsdp and dist.is_initialized() and dist.get_world_size() > 1:
+        # agree on the number of forwards *before* the first one (each forward is itself a collective)
+        most = torch.tensor([len(loader)], dtype=torch.int64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        extra = int(most) - len(loader)
+    with torch.no_grad() if fsdp else torch.inference_mode():
+        for x, target in loader:
+            x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with autocast_context(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            sums[0] += float(F.cross_entropy(logits, target, reduction="sum"))
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            hits = topk.eq(target[:, None])
+            sums[1] += float(hits[:, :1].sum())
+            sums[2] += float(hits.sum())
+            sums[3] += target.shape[0]
+            if pbar is not None:
+                pbar.update(1)
+        if extra > 0:  # this rank's shard has fewer batches: forward a dummy one to keep the collectives in step
+            dummy = loader.dataset[0][0].unsqueeze(0).to(device)
+            for _ in range(extra):
+                with autocast_context(device, amp):
+                    model(dummy)
+    if fsdp:
+        reshard(model)
     if pbar is not None:
         pbar.close()
     all_reduce_sum(sums)
