@@ -47,6 +47,11 @@ def scan_backend(model: nn.Module, backend: str) -> Iterator[nn.Module]:
             m.backend = b
 
 
+def _dynamic_batch() -> tuple[dict[int, Any]]:
+    """``dynamic_shapes`` for the single image argument: the batch dimension varies, the image size does not."""
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True,
                 verify: bool = True, optimize: bool = True) -> dict[str, Any]:
     """Write ``model`` (eval mode) as ONNX to ``path``; returns a summary (and ``max_abs_diff`` if verified).
@@ -64,7 +69,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynam
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    dynamic_shapes = _dynamic_batch() if dynamic_batch else None
     start = time.perf_counter()
     with scan_backend(model, "torch"), torch.no_grad():
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic_shapes,
@@ -149,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   optimize=args.optimize)
         else:
             start = time.perf_counter()
-            dynamic = None if args.static_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
+            dynamic = None if args.static_batch else _dynamic_batch()
             program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
             out.parent.mkdir(parents=True, exist_ok=True)
             torch.export.save(program, str(out))

@@ -30,7 +30,7 @@ import yaml
 from .data.images import (DATASETS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataError, build_dataset,
                           check_same_classes)
 from .engine.checkpoint import (FORMAT, CheckpointError, CheckpointManager, describe_key_mismatch, get_rng_state,
-                                load_checkpoint, load_weights, save_safetensors, set_rng_state, to_plain)
+                                load_checkpoint, load_exact, load_weights, save_safetensors, set_rng_state, to_plain)
 from .engine.classification import (DistInfo, NonFiniteLossError, ResumableDistributedSampler, SeededDataset,
                                     ShardSampler, TrainState, barrier, cleanup_distributed, derive_seed, evaluate,
                                     init_distributed, seed_everything, train_one_epoch)
@@ -377,13 +377,6 @@ def load_finetune_weights(model: nn.Module, path: str, trusted: bool = False) ->
     return dropped
 
 
-def _load_exact(model: nn.Module, state_dict: dict, path: str, what: str = "model") -> None:
-    result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {path} ({what}) does not fit this model: "
-                              + describe_key_mismatch(result.missing_keys, result.unexpected_keys))
-
-
 class _SignalFlag:
     """Turns SIGTERM/SIGINT into a flag the training loop checks between optimizer steps."""
 
@@ -530,12 +523,12 @@ def run(args: argparse.Namespace) -> int:
             if not args.eval:
                 raise CheckpointError(f"checkpoint {args.resume} is not an emamba training state (no optimizer/epoch); "
                                       "use --finetune to start from plain weights")
-            _load_exact(model, load_weights(args.resume, trusted=args.trust_checkpoint), args.resume)
+            load_exact(model, load_weights(args.resume, trusted=args.trust_checkpoint), args.resume)
             resume_state = None
         else:
             saved_from = resume_state.get("model_name")
             what = f"saved from {saved_from!r}, this run builds {args.model!r}" if saved_from != args.model else "model"
-            _load_exact(model, resume_state["model"], args.resume, what)
+            load_exact(model, resume_state["model"], args.resume, what)
     elif args.finetune:
         dropped = load_finetune_weights(model, args.finetune, trusted=args.trust_checkpoint)
         _log(dist_info, f"fine-tuning from {args.finetune}" + (
@@ -550,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
         model_ema = ema_cls(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if resume_state is not None:
             if resume_state.get("model_ema") is not None:
-                _load_exact(model_ema.module, resume_state["model_ema"], args.resume, "model_ema")
+                load_exact(model_ema.module, resume_state["model_ema"], args.resume, "model_ema")
             else:
                 _log(dist_info, "note: the checkpoint has no EMA weights; the EMA starts from the resumed model")
     if args.fsdp:

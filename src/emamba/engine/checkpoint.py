@@ -156,13 +156,21 @@ def describe_key_mismatch(missing: Iterable[str], unexpected: Iterable[str], lim
     return f"missing keys ({len(missing)}): {show(missing)}; unexpected keys ({len(unexpected)}): {show(unexpected)}"
 
 
-# ------------------------------------------------------------------------------------------------ RNG
+def load_exact(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str | os.PathLike,
+               what: str = "model", target: str = "this model") -> None:
+    """``load_state_dict`` that fails with :class:`CheckpointError` listing missing and unexpected keys."""
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {source} ({what}) does not fit {target}: "
+                              + describe_key_mismatch(result.missing_keys, result.unexpected_keys))
+
+
 def load_model_weights(model: torch.nn.Module, state: Mapping[str, Any], source: str | os.PathLike,
                        use_ema: bool = False) -> None:
     """Load the weights of a training state (``model`` or ``model_ema``) or a plain state dict, strictly.
 
     EMamba models first pass them through :func:`emamba.models.checkpoint_filter_fn` (original SiMBA
-    layout); a mismatch raises :class:`CheckpointError` listing the missing and unexpected keys.
+    layout); a mismatch raises :class:`CheckpointError` (see :func:`load_exact`).
     """
     from ..models import EMamba, checkpoint_filter_fn
 
@@ -174,14 +182,14 @@ def load_model_weights(model: torch.nn.Module, state: Mapping[str, Any], source:
         weights = checkpoint_filter_fn(weights, model)
     name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
     try:
-        result = model.load_state_dict(weights, strict=False)
+        load_exact(model, weights, source, key, name)
     except RuntimeError as exc:  # shape mismatches (e.g. another class count) raise even when not strict
-        raise CheckpointError(f"checkpoint {source} does not fit {name}: {exc}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {source} does not fit {name}: "
-                              + describe_key_mismatch(result.missing_keys, result.unexpected_keys))
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {source} ({key}) does not fit {name}: {exc}") from None
 
 
+# ------------------------------------------------------------------------------------------------ RNG
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states as weights_only-loadable plain types."""
     np_state = np.random.get_state()
