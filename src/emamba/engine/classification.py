@@ -103,9 +103,19 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
+def all_reduce_sum(tensor: Tensor, device: Optional[torch.device] = None) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place.
+
+    ``device``: where the collective runs (the rank's device). NCCL reduces only CUDA tensors, so CPU
+    bookkeeping tensors (loss sums, counters) travel to the GPU and back; gloo takes them as they are.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if device is not None and tensor.device != torch.device(device):
+            on_device = tensor.to(device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_device)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -305,7 +315,7 @@ def train_one_epoch(
             continue
         flags = torch.tensor([window_loss, float(window_count), 0.0 if math.isfinite(window_loss) else 1.0,
                               1.0 if stop_requested() else 0.0], dtype=torch.float64)
-        all_reduce_sum(flags)
+        all_reduce_sum(flags, device)
         if flags[2] > 0:
             if pbar is not None:
                 pbar.close()
@@ -400,7 +410,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, dist_info: D
         reshard(model)
     if pbar is not None:
         pbar.close()
-    all_reduce_sum(sums)
+    all_reduce_sum(sums, device)
     model.train(was_training)
     count = max(float(sums[3]), 1.0)
     return {"loss": float(sums[0]) / count, "top1": 100.0 * float(sums[1]) / count,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.amp import autocast_disabled
+from ..ops.fft import fftn_ortho
 
 FFT_MODES = ("tokens_blocks", "tokens")
 
@@ -48,6 +49,18 @@ _LAYOUTS = {
     "tokens": dict(fft_dims=(3,), to_fft=(0, 2, 3, 1), from_fft=(0, 3, 1, 2),
                    to_gemm=(1, 0, 3, 2), from_gemm=(1, 0, 3, 2)),
 }
+
+
+def _needs_exact_fft_strides(x: Tensor) -> bool:
+    """Compiling for CUDA: route the FFTs through :func:`emamba.ops.fft.fftn_ortho`, whose output strides
+    inductor predicts exactly (its own FFT stride predictions can be wrong for cuFFT; see that module)."""
+    return x.is_cuda and torch.compiler.is_compiling()
+
+
+def _fftn(x: Tensor, dim: tuple[int, ...], inverse: bool = False) -> Tensor:
+    if _needs_exact_fft_strides(x):
+        return fftn_ortho(x, list(dim), inverse)
+    return (torch.fft.ifftn if inverse else torch.fft.fftn)(x, dim=dim, norm="ortho")
 
 
 class EinFFT(nn.Module):
@@ -96,14 +109,14 @@ class EinFFT(nn.Module):
             # interleaved (re, im) reals, where it stays for both complex layers: ReLU and soft-shrink act
             # on the real and imaginary parts separately, as in the paper.
             h = x.float().reshape(batch, tokens, nb, bs).permute(lay["to_fft"])
-            h = torch.fft.fftn(h, dim=lay["fft_dims"], norm="ortho").permute(lay["to_gemm"])
+            h = _fftn(h, lay["fft_dims"]).permute(lay["to_gemm"])
             h = torch.view_as_real(h).reshape(nb, batch * tokens, 2 * bs)
             h = F.relu(_complex_block_linear(h, self.complex_weight_1.float(), self.complex_bias_1.float()))
             h = _complex_block_linear(h, self.complex_weight_2.float(), self.complex_bias_2.float())
             if self.sparsity_threshold:
                 h = F.softshrink(h, self.sparsity_threshold)
             h = torch.view_as_complex(h.reshape(nb, batch, tokens, bs, 2)).permute(lay["from_gemm"])
-            h = torch.fft.ifftn(h, dim=lay["fft_dims"], norm="ortho").real
+            h = _fftn(h, lay["fft_dims"], inverse=True).real
             out = h.permute(lay["from_fft"]).reshape(batch, tokens, channels)
         return out.to(in_dtype)
 
