@@ -119,16 +119,19 @@ FWD_BLOCK_D: Optional[int] = None  # channels per program, forward (power of two
 BWD_BLOCK_D: Optional[int] = None  # channels per program, backward (power of two)
 FWD_NUM_WARPS: Optional[int] = None
 BWD_NUM_WARPS: Optional[int] = None
-# Automatic choice, sized from offline sm_90 compiles (registers <= ~170, no spills at n = 64): the largest
-# BLOCK_D (power of two, <= the cap) that still gives at least two programs per SM, but not below
-# _MIN_BLOCK_D; warps so that each thread holds ~8 (forward: state tile) / ~4 (backward: (BLOCK_D, CHUNK)
-# tile) elements.
+# Automatic choice: the largest BLOCK_D (power of two, <= the cap) that still gives at least
+# _*_PROGRAMS_PER_SM programs per SM, but not below _MIN_BLOCK_D; warps so that each thread holds about
+# _*_ELEMS_PER_THREAD elements of the tile (forward: the (BLOCK_D, BLOCK_N) state; backward: the
+# (BLOCK_D, CHUNK) time tile). The values come from a tile sweep on an H200 (benchmarks/gpu_tune.py,
+# results/gpu/h200_tile_sweep.log) at the EMamba-S shapes, batch 32, n = 64: forward BLOCK_D 16 with 8 warps
+# (1.08-1.45x over the earlier 2 programs / SM and 8 elements / thread), backward 2 warps (1.7-2.35x over 4).
 _FWD_TILE = 1024  # forward cap: BLOCK_D * BLOCK_N <= _FWD_TILE (BLOCK_D = 16 at n = 64)
 _BWD_MAX_BLOCK_D = 16
 _MIN_BLOCK_D = 4
-_PROGRAMS_PER_SM = 2
-_FWD_ELEMS_PER_THREAD = 8
-_BWD_ELEMS_PER_THREAD = 4
+_FWD_PROGRAMS_PER_SM = 1
+_BWD_PROGRAMS_PER_SM = 2
+_FWD_ELEMS_PER_THREAD = 4
+_BWD_ELEMS_PER_THREAD = 16
 
 
 def _interpreting() -> bool:
@@ -492,11 +495,12 @@ def _sm_count(device: torch.device) -> int:
     return 132
 
 
-def _pick_block_d(override: Optional[int], cap: int, batch: int, d: int, device: torch.device) -> int:
+def _pick_block_d(override: Optional[int], cap: int, batch: int, d: int, device: torch.device,
+                  programs_per_sm: int) -> int:
     if override is not None:
         return int(override)
     block = max(_MIN_BLOCK_D, min(cap, _next_pow2(d)))
-    target = _PROGRAMS_PER_SM * _sm_count(device)
+    target = programs_per_sm * _sm_count(device)
     while block > _MIN_BLOCK_D and batch * (-(-d // block)) < target:
         block //= 2
     return block
@@ -565,7 +569,7 @@ def forward(
             out *= torch.nn.functional.silu(z)
         return out, ckpt.zero_()
     block_n = _next_pow2(n)
-    block_d = _pick_block_d(FWD_BLOCK_D, max(1, _FWD_TILE // block_n), batch, d, u.device)
+    block_d = _pick_block_d(FWD_BLOCK_D, max(1, _FWD_TILE // block_n), batch, d, u.device, _FWD_PROGRAMS_PER_SM)
     steps = min(FWD_STEPS, CHUNK_SIZE)
     grid = (-(-d // block_d), batch)
     scratch = u.new_empty(grid[0] * grid[1] * CHUNK_SIZE * (3 * block_d + 2 * block_n))
@@ -620,7 +624,7 @@ def backward(
     dD_part = u.new_empty(batch, d) if D is not None else None
     dbias_part = u.new_empty(batch, d) if delta_bias is not None else None
     carry = u.new_empty(batch, d, 2, n)  # adjoint carry between chunks, double-buffered
-    block_d = _pick_block_d(BWD_BLOCK_D, _BWD_MAX_BLOCK_D, batch, d, u.device)
+    block_d = _pick_block_d(BWD_BLOCK_D, _BWD_MAX_BLOCK_D, batch, d, u.device, _BWD_PROGRAMS_PER_SM)
     grid = (-(-d // block_d), batch)
     _, bwd = _kernels(_interpreting())
     bwd[grid](
