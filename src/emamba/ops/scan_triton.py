@@ -82,6 +82,11 @@ At n = 64 the scan is bound by instruction issue and the exponential, not by mem
 So no implementation (mamba_ssm's CUDA kernel included) can reach a large fraction of the DRAM roofline at
 n = 64; the benchmark in ``benchmarks/gpu_check.sh`` reports both numbers.
 
+Measured on an H200 (results/gpu/): the kernels reach 9-25% of the exp2 limit and 2-6% of the DRAM
+roofline at the EMamba-S shapes. The grid (batch x channel blocks) is the only parallelism and time is
+walked sequentially, so too few warps are resident to hide the recurrence's latency; a time-parallel
+(chunked) forward is the known next step.
+
 Running without a GPU
 ---------------------
 With ``TRITON_INTERPRET=1`` the kernels run through Triton's interpreter on CPU tensors (numpy); this is how
