@@ -66,6 +66,21 @@ def test_config_file_defaults(tmp_path):
         forecast.parse_args(["--config", str(cfg)])
 
 
+COMMITTED_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "forecast").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_CONFIGS, ids=lambda p: p.stem)
+def test_committed_forecast_configs_parse(path):
+    """configs/forecast/DATA_HORIZON.yaml: known option names only, and not tied to a dataset or horizon
+    (scripts/forecast_all.sh passes those on the command line, matching the file name)."""
+    data, horizon = path.stem.split("_")
+    values = forecast._load_config(str(path), forecast.build_parser())
+    assert values and not {"data", "data_path", "pred_len", "seed"} & set(values)
+    args = forecast.parse_args(["--config", str(path), "--data", data, "--pred_len", horizon])
+    for key, value in values.items():
+        assert getattr(args, key) == value
+
+
 def test_metric_matches_tslib_definitions():
     pred, true = np.array([[1.0, 2.0]]), np.array([[2.0, 4.0]])
     m = forecast.metric(pred, true)

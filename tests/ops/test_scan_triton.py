@@ -166,3 +166,27 @@ def test_is_available_contract():
     ok, reason = scan_triton.is_available()
     assert isinstance(ok, bool) and isinstance(reason, str) and reason
     assert scan_triton.checkpoint_shape(3, 5, 2 * CHUNK + 1, 7) == (3, 5, 3, 7)
+
+
+# (batch, d, L, n) -> (forward BLOCK_D, warps), (backward BLOCK_D, warps): the fastest correct configurations
+# of the tile sweep on an H200 (132 SMs; benchmarks/gpu_tune.py, results/gpu/h200_tile_sweep.log)
+SWEPT_BEST = {
+    (32, 128, 3136, 64): ((16, 8), (8, 2)),
+    (32, 640, 196, 64): ((16, 8), (16, 2)),  # backward: (8, 2) 2.96 ms was best, (16, 2) 3.20 ms
+    (32, 256, 784, 64): ((16, 8), (16, 2)),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SWEPT_BEST))
+def test_automatic_tiles_follow_the_gpu_sweep(shape):
+    """The automatic BLOCK_D / num_warps choice (no overrides) at 132 SMs reproduces the measured choice."""
+    batch, d, _, n = shape
+    cpu = torch.device("cpu")  # _sm_count falls back to 132 (H100 / H200) off CUDA
+    block_n = 1 << (n - 1).bit_length()
+    fwd_block = scan_triton._pick_block_d(None, max(1, scan_triton._FWD_TILE // block_n), batch, d, cpu,
+                                          scan_triton._FWD_PROGRAMS_PER_SM)
+    fwd_warps = scan_triton._num_warps(None, fwd_block * block_n, scan_triton._FWD_ELEMS_PER_THREAD)
+    bwd_block = scan_triton._pick_block_d(None, scan_triton._BWD_MAX_BLOCK_D, batch, d, cpu,
+                                          scan_triton._BWD_PROGRAMS_PER_SM)
+    bwd_warps = scan_triton._num_warps(None, bwd_block * 64, scan_triton._BWD_ELEMS_PER_THREAD)  # CHUNK_SIZE 64
+    assert ((fwd_block, fwd_warps), (bwd_block, bwd_warps)) == SWEPT_BEST[shape]
