@@ -32,6 +32,8 @@ def main() -> None:
             row = json.loads(line)
             if args.seeds is not None and row.get("seed") not in args.seeds:
                 continue
+            if row.get("config"):  # a sweep run adopted into the results table: already counted under its des
+                continue
             name = "default" if row.get("des") == "table" else row.get("des", "?")
             val[(row["data"], row["pred_len"])][name][row["seed"]] = row["best_val_loss"]
     for (data, horizon), by_name in sorted(val.items()):
