@@ -8,6 +8,7 @@
 # Environment: DATA_DIR (ETT-small folder, default ../shared/data/ETT-small), DATASETS, HORIZONS, SEEDS,
 # JOBS (parallel runs), RESULTS (JSONL file), LOG_DIR, CKPT_DIR, EXTRA (more `emamba forecast` options).
 # A run whose log already ends with its JSON summary is skipped, so the script resumes after interruption.
+# Where configs/forecast/DATA_HORIZON.yaml exists (settings chosen on validation), it is passed as --config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,10 @@ for data in $DATASETS; do
         echo "skip (done): $log" >&2
         continue
       fi
-      commands+=("$EMAMBA forecast --task_name long_term_forecast --is_training 1 --model EMamba \
+      # per-(dataset, horizon) settings chosen on the validation split, if any (configs/forecast/README.md)
+      config=""
+      [[ -f "configs/forecast/${data}_${pred_len}.yaml" ]] && config="--config configs/forecast/${data}_${pred_len}.yaml"
+      commands+=("$EMAMBA forecast $config --task_name long_term_forecast --is_training 1 --model EMamba \
 --data $data --root_path $DATA_DIR --data_path $data.csv --features M --seq_len 96 --label_len 48 \
 --pred_len $pred_len --seed $seed --des table --num_threads $OMP_NUM_THREADS --checkpoints $CKPT_DIR \
 --results_file $RESULTS $EXTRA > $log 2>&1 || echo \"FAILED: $log\" >&2")
