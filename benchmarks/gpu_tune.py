@@ -62,6 +62,20 @@ def configure(**overrides):
         setattr(scan_triton, k, v)
 
 
+def trial(kind, cfg, run, error, base_ms, best):
+    """Check one configuration against the default's result, time it, print it; return the new best."""
+    configure(**cfg)
+    try:
+        err = error(run())
+        ms = median_ms(run)
+    except Exception as exc:  # e.g. too many registers / shared memory for this tile
+        print(f"  {kind} {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+        return best
+    ok = err < 1e-4
+    print(f"  {kind} {cfg}: {ms:.3f} ms ({base_ms / ms:.2f}x) err {err:.1e}{'' if ok else ' MISMATCH'}")
+    return (ms, cfg) if ok and ms < best[0] else best
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget-s", type=float, default=170.0)
@@ -85,46 +99,22 @@ def main():
         b0 = median_ms(lambda: scan_triton.backward(dout, *a, ck0, True))
         print(f"\n{shape}: default fwd {f0:.3f} ms, bwd {b0:.3f} ms")
         best_f, best_b = (f0, {}), (b0, {})
+        fwd = lambda: scan_triton.forward(*a, True)  # noqa: E731
+        fwd_err = lambda r: rel(r[0], out0)  # noqa: E731
         for cfg in FWD_GRID:
             if over():
                 break
-            configure(**cfg)
-            try:
-                out, _ = scan_triton.forward(*a, True)
-                err = rel(out, out0)
-                ms = median_ms(lambda: scan_triton.forward(*a, True))
-            except Exception as exc:  # e.g. too many registers / shared memory for this tile
-                print(f"  fwd {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
-                continue
-            ok = err < 1e-4
-            print(f"  fwd {cfg}: {ms:.3f} ms ({f0 / ms:.2f}x) err {err:.1e}{'' if ok else ' MISMATCH'}")
-            if ok and ms < best_f[0]:
-                best_f = (ms, cfg)
+            best_f = trial("fwd", cfg, fwd, fwd_err, f0, best_f)
         for steps in (8, 32):
             if over() or not best_f[1]:
                 break
-            cfg = dict(best_f[1], FWD_STEPS=steps)
-            configure(**cfg)
-            out, _ = scan_triton.forward(*a, True)
-            err, ms = rel(out, out0), median_ms(lambda: scan_triton.forward(*a, True))
-            print(f"  fwd {cfg}: {ms:.3f} ms ({f0 / ms:.2f}x) err {err:.1e}")
-            if err < 1e-4 and ms < best_f[0]:
-                best_f = (ms, cfg)
+            best_f = trial("fwd", dict(best_f[1], FWD_STEPS=steps), fwd, fwd_err, f0, best_f)
+        bwd = lambda: scan_triton.backward(dout, *a, ck0, True)  # noqa: E731
+        bwd_err = lambda grads: max(rel(g, g0) for g, g0 in zip(grads, grads0))  # noqa: E731
         for cfg in BWD_GRID:
             if over():
                 break
-            configure(**cfg)
-            try:
-                grads = scan_triton.backward(dout, *a, ck0, True)
-                err = max(rel(g, g0) for g, g0 in zip(grads, grads0))
-                ms = median_ms(lambda: scan_triton.backward(dout, *a, ck0, True))
-            except Exception as exc:
-                print(f"  bwd {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
-                continue
-            ok = err < 1e-4
-            print(f"  bwd {cfg}: {ms:.3f} ms ({b0 / ms:.2f}x) err {err:.1e}{'' if ok else ' MISMATCH'}")
-            if ok and ms < best_b[0]:
-                best_b = (ms, cfg)
+            best_b = trial("bwd", cfg, bwd, bwd_err, b0, best_b)
         summary.append((shape, f0, best_f, b0, best_b))
         del t, a, dout, out0, ck0, grads0
         torch.cuda.empty_cache()
@@ -140,10 +130,9 @@ def main():
 
 def profile_train_step():
     import timm
-    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
-    import emamba  # noqa: F401
+    from emamba.benchmark import train_loss
 
     model = timm.create_model("emamba_s", num_classes=1000).cuda().train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -152,13 +141,7 @@ def profile_train_step():
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x)
-            if isinstance(out, tuple):  # token labeling: (cls, aux, box), as in `emamba benchmark`
-                cls, aux, _ = out
-                loss = F.cross_entropy(cls, target) + 0.5 * F.cross_entropy(
-                    aux.flatten(0, 1), target.repeat_interleave(aux.shape[1]))
-            else:
-                loss = F.cross_entropy(out, target)
+            loss = train_loss(model(x), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

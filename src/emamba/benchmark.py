@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_loss(out, target: torch.Tensor) -> torch.Tensor:
+    """Loss of a benchmark training step: cross-entropy on the class logits, plus 0.5 x the aux tokens'
+    cross-entropy when the model returns token-labeling outputs ``(cls, aux, box)``."""
+    if isinstance(out, tuple):
+        cls_logits, aux_logits, _ = out
+        return F.cross_entropy(cls_logits, target) + 0.5 * F.cross_entropy(
+            aux_logits.flatten(0, 1), target.repeat_interleave(aux_logits.shape[1]))
+    return F.cross_entropy(out, target)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -91,13 +101,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 step_model(x)
             return
         with autocast:
-            out = step_model(x)
-            if isinstance(out, tuple):  # token labeling: (cls, aux, box)
-                cls_logits, aux_logits, _ = out
-                loss = F.cross_entropy(cls_logits, target) + 0.5 * F.cross_entropy(
-                    aux_logits.flatten(0, 1), target.repeat_interleave(aux_logits.shape[1]))
-            else:
-                loss = F.cross_entropy(out, target)
+            loss = train_loss(step_model(x), target)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
