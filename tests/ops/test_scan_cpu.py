@@ -196,3 +196,22 @@ def test_extreme_decays_stay_finite():
     ref = selective_scan_reference(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_fused_step_prologue_matches_aten(dtype, rtol, softplus):
+    """The forward kernel computes dt = softplus(delta + delta_bias) itself. Read it back exactly: with n = 1,
+    B = C = u = 1 and a decay of 0 (A = -1e30), the output at step t is dt_t."""
+    length = 4001
+    delta = torch.linspace(-15.0, 40.0, length, dtype=dtype).reshape(1, 1, length)
+    if not softplus:
+        delta = delta.abs() + 0.01  # dt > 0, so that dt * A is a large negative number
+    bias = torch.tensor([0.3], dtype=dtype)
+    ones = torch.ones(1, 1, length, dtype=dtype)
+    A = torch.full((1, 1), -1e30, dtype=dtype)
+    out, _ = scan_cpu.forward(ones, delta, A, ones, ones, None, None, bias, softplus)
+    expected = delta + bias[:, None]
+    if softplus:
+        expected = torch.nn.functional.softplus(expected)  # threshold 20: identity above
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=0)
