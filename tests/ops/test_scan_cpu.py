@@ -211,6 +211,8 @@ def test_fused_step_prologue_matches_aten(dtype, rtol, softplus):
     ones = torch.ones(1, 1, length, dtype=dtype)
     A = torch.full((1, 1), -1e30, dtype=dtype)
     out, _ = scan_cpu.forward(ones, delta, A, ones, ones, None, None, bias, softplus)
+    # the backward's steps (scan_steps) are the forward's, bit for bit: its state recompute must match
+    assert torch.equal(scan_cpu._ext().scan_steps(delta, bias, softplus), out)
     expected = delta + bias[:, None]
     if softplus:
         expected = torch.nn.functional.softplus(expected)  # threshold 20: identity above

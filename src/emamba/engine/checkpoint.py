@@ -183,9 +183,9 @@ def load_model_weights(model: torch.nn.Module, state: Mapping[str, Any], source:
     name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
     try:
         load_exact(model, weights, source, key, name)
+    except CheckpointError:
+        raise
     except RuntimeError as exc:  # shape mismatches (e.g. another class count) raise even when not strict
-        if isinstance(exc, CheckpointError):
-            raise
         raise CheckpointError(f"checkpoint {source} ({key}) does not fit {name}: {exc}") from None
 
 

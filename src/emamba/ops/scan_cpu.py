@@ -8,8 +8,8 @@ thread-local buffer and runs the reverse recurrence over it.
 This module is the backend contract used by :mod:`emamba.ops.selective_scan`:
 ``is_available``, ``checkpoint_shape``, ``forward`` and ``backward``. The forward kernel computes the
 step ``softplus(delta + delta_bias)`` itself, per chunk (never materialised; fp32 within ~2e-7 of
-``F.softplus``); the backward gets the step from ATen here and chains its gradient through softplus with
-ATen. The ``D`` skip and the ``silu(z)`` gate are fused into the kernel.
+``F.softplus``); the backward gets the same steps from the kernel (``scan_steps``) and chains the gradient
+through softplus with ATen. The ``D`` skip and the ``silu(z)`` gate are fused into the kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import threading
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: Time steps between saved states. Must equal ``kChunk`` in the C++ source.
@@ -191,15 +190,19 @@ def backward(
 ):
     """Gradients of sum(out * dout): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs."""
     ext = _ext()
-    raw = _raw_delta(delta, delta_bias)
-    dt = F.softplus(raw) if delta_softplus else raw
+    # the forward's own steps (not F.softplus, which differs in the last bits): the kernel recomputes the
+    # states from the forward's checkpoints with them
+    dt = ext.scan_steps(delta.contiguous(), _opt(delta_bias), bool(delta_softplus))
     du, ddt, dA, dBt, dCt, dD, dz = ext.scan_bwd(
-        dout.contiguous(), u.contiguous(), dt.contiguous(), A.contiguous(), _transpose_bc(B), _transpose_bc(C),
+        dout.contiguous(), u.contiguous(), dt, A.contiguous(), _transpose_bc(B), _transpose_bc(C),
         _opt(D), _opt(z), checkpoints.contiguous(),
     )
     # The kernel differentiates wrt the effective step; chain through softplus (same threshold as
     # F.softplus) and the bias with ATen so it matches PyTorch exactly.
-    ddelta = torch.ops.aten.softplus_backward(ddt, raw, 1.0, 20.0) if delta_softplus else ddt
+    if delta_softplus:
+        ddelta = torch.ops.aten.softplus_backward(ddt, _raw_delta(delta, delta_bias), 1.0, 20.0)
+    else:
+        ddelta = ddt
     ddelta_bias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
     # The kernel writes dB, dC as (batch, L, n); hand them back as (batch, n, L) views (no copy): the strides
     # match B, C as :func:`emamba.ops.selective_scan` passes them (transposed views of (batch, L, n) memory).
