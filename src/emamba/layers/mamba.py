@@ -23,6 +23,42 @@ def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
 
+def _plain(linear: nn.Module) -> bool:
+    """True for a bias-free ``nn.Linear`` (not a subclass or wrapper) without module hooks."""
+    return (
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and not linear._forward_hooks
+        and not linear._forward_pre_hooks
+    )
+
+
+def _bmm_weight(weight: Tensor, x: Tensor) -> Tensor:
+    """weight @ x[b] for every b: (out, in) x (batch, in, L) -> (batch, out, L), contiguous.
+
+    An explicit batched GEMM over the expanded weight: ``torch.matmul`` would fold the batch into the rows
+    when the weight requires grad (it avoids a (batch, out, in) weight-gradient buffer that way), and that
+    fold copies a transposed operand. Here the weight gradient is a (batch, out, in) sum, tiny next to the
+    activations.
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+def _project(linear: nn.Module, x_cf: Tensor) -> Tensor:
+    """``linear`` applied to channels-first input: (batch, in, L) -> (batch, out, L), contiguous.
+
+    The mixer keeps its activations channels-first, the layout of the depthwise conv and the scan kernels.
+    Calling an ``nn.Linear`` there needs transposes whose ``.contiguous()`` copies cost ~10% of EMamba-S
+    CPU inference; ``weight @ x`` (a batched GEMM) gives the same product with BLAS reading the transposed operand in
+    place (bitwise equality is not promised: a different GEMM call may round differently). Modules that
+    are not a plain ``nn.Linear``, or that carry hooks (FLOP counters, LoRA-style wrappers, feature taps),
+    are called as modules, so they see exactly what they would in a token-major implementation.
+    """
+    if _plain(linear):
+        return _bmm_weight(linear.weight, x_cf)
+    return linear(x_cf.transpose(1, 2)).transpose(1, 2)
+
+
 class MambaMixer(nn.Module):
     """Mamba-1 block over a token sequence: (batch, L, dim) -> (batch, L, dim).
 
@@ -108,15 +144,15 @@ class MambaMixer(nn.Module):
 
         length = x.shape[-1]
         x = F.silu(conv1d(x)[..., :length])  # causal: drop the right padding
-        x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2n)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # dt_proj's bias is added inside the scan
+        x_dbl = _project(x_proj, x)  # (batch, dt_rank + 2n, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = _bmm_weight(dt_proj.weight, dt)  # (batch, d_inner, L); dt_proj's bias is added inside the scan
         return selective_scan(
             x,
             dt,
             -torch.exp(A_log.float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            B,
+            C,
             D=D.float(),
             z=z,
             delta_bias=dt_proj.bias.float(),
@@ -127,10 +163,21 @@ class MambaMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MambaMixer expects (batch, L, {self.dim}), got {tuple(x.shape)}")
-        xz = self.in_proj(x).transpose(1, 2)  # (batch, 2*d_inner, L)
-        xs, z = xz.chunk(2, dim=1)
+        # Channels-first from here on: (batch, channels, L) is the layout of the conv and the scan.
+        x_cf = x.transpose(1, 2)
+        if _plain(self.in_proj):
+            # two GEMMs on the halves of the weight, so that xs and z are each contiguous (conv1d and
+            # the fused scans would otherwise copy them out of an interleaved (batch, 2*d_inner, L))
+            weight = self.in_proj.weight
+            xs = _bmm_weight(weight[: self.d_inner], x_cf)
+            z = _bmm_weight(weight[self.d_inner :], x_cf)
+        else:
+            xs, z = _project(self.in_proj, x_cf).chunk(2, dim=1)
         y = self._scan_branch(xs, z, "")
         if self.bidirectional:
             y = y + self._scan_branch(xs.flip(-1), z.flip(-1), "_b").flip(-1)
         # The scan computes in fp32; go back to the residual stream's dtype (autocast re-casts anyway).
-        return self.out_proj(y.transpose(1, 2).to(x.dtype))
+        y = y.to(x.dtype).transpose(1, 2)  # (batch, L, d_inner) view of channels-first memory
+        if _plain(self.out_proj):  # GEMM on the transposed view: (batch, L, dim) out, no copy of y
+            return torch.bmm(y, self.out_proj.weight.t().expand(y.shape[0], -1, -1))
+        return self.out_proj(y)
