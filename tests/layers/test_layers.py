@@ -46,6 +46,54 @@ def test_einfft_matches_complex_einsum_statement(fft_mode):
     torch.testing.assert_close(out, einfft_by_the_paper(module, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fft_mode", ["tokens_blocks", "tokens"])
+@pytest.mark.parametrize("tokens", [1, 2, 16, 17])
+def test_einfft_half_and_full_spectrum_paths_agree(fft_mode, tokens):
+    # The real-FFT (half spectrum) path and the complex-FFT (full spectrum) path are two computations of
+    # the same function; fp64 makes any algebra slip show far above rounding.
+    torch.manual_seed(0)
+    module = EinFFT(32, fft_mode=fft_mode).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(10)
+    x = torch.randn(3, tokens, 32, dtype=torch.float64)
+    grads = []
+    for path in (module._half_spectrum, module._full_spectrum):
+        module.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = path(xi)
+        out.square().sum().backward()
+        grads.append([out.detach(), xi.grad] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[0][0], einfft_by_the_paper(module, x), rtol=1e-10, atol=1e-12)
+
+
+def test_einfft_picks_the_half_spectrum_for_long_sequences():
+    module = EinFFT(32)
+    assert module._use_half_spectrum(torch.zeros(1, 17, 32))  # 17 tokens > 32 channels / 2
+    assert not module._use_half_spectrum(torch.zeros(8, 16, 32))
+
+
+def test_einfft_inference_weight_cache_follows_parameter_changes():
+    torch.manual_seed(0)
+    module = EinFFT(16).eval()
+    fresh = EinFFT(16)
+    x = torch.randn(2, 40, 16)
+    with torch.inference_mode():
+        module(x)  # fills the cache
+        with torch.no_grad():
+            module.complex_weight_1.mul_(3.0)  # in place: same storage, new version
+        fresh.load_state_dict(module.state_dict())
+        torch.testing.assert_close(module(x), fresh(x))
+        module.load_state_dict(EinFFT(16).state_dict())  # load_state_dict copies in place as well
+        fresh.load_state_dict(module.state_dict())
+        torch.testing.assert_close(module(x), fresh(x))
+    # with autograd the weights are rebuilt every call (gradients reach the parameters)
+    module(x).sum().backward()
+    assert module.complex_weight_1.grad is not None
+
+
 def test_einfft_modes_differ_and_are_real():
     torch.manual_seed(0)
     a, b = EinFFT(16), EinFFT(16, fft_mode="tokens")
