@@ -1,4 +1,5 @@
-"""Per-layer CPU time of one EMamba training step (forward and backward), for finding what dominates.
+"""Per-layer CPU time of one EMamba training step (forward and backward) or inference step (``--bench
+infer``: eval mode, forward only under ``inference_mode``), for finding what dominates.
 
 Every top-level torch call made during the forward is timed with the process CPU clock (so the numbers
 are robust to other jobs on a shared machine) and attributed to a layer part by the module it runs in,
@@ -21,6 +22,7 @@ pre/post hooks. ``AccumulateGrad`` nodes are reported separately; engine overhea
 
     python benchmarks/profile_block.py --backend auto
     python benchmarks/profile_block.py --backend reference --steps 3
+    python benchmarks/profile_block.py --bench infer --steps 10
     python benchmarks/profile_block.py --model emamba_s_mlp --json results/profile_block.json
 """
 
@@ -210,6 +212,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="emamba_s")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--bench", choices=("train", "infer"), default="train",
+                   help="train: forward + backward + SGD step; infer: eval-mode forward under inference_mode")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--img-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
@@ -238,14 +242,27 @@ def main() -> None:
     # Region wrappers (patched on the layer modules' globals, so the layers' own calls go through them).
     orig_scan = mamba_mod.selective_scan
     mamba_mod.selective_scan = prof.forced_region("mamba.scan", orig_scan)
-    expand = einfft_mod.EinFFT._expand_block_weights  # building the real block matrices from the weights
-    einfft_mod.EinFFT._expand_block_weights = prof.forced_region("einfft.block_weights", expand)
+    if hasattr(einfft_mod.EinFFT, "_expand_block_weights"):  # building the real block matrices
+        expand = einfft_mod.EinFFT._expand_block_weights
+        einfft_mod.EinFFT._expand_block_weights = prof.forced_region("einfft.block_weights", expand)
+    elif hasattr(einfft_mod, "_complex_block_linear"):  # older revisions (for before/after comparisons)
+        einfft_mod._complex_block_linear = prof.forced_region("einfft.block_matmul",
+                                                              einfft_mod._complex_block_linear)
 
     per_step = []
+    infer = args.bench == "infer"
+    if infer:
+        model.eval()
     for step in range(args.warmup + args.steps):
         prof.fwd.clear()
         prof.node_part.clear()
         t0 = clock()
+        if infer:
+            with prof, torch.inference_mode():
+                model(x)
+            if step >= args.warmup:
+                per_step.append((dict(prof.fwd), {}, clock() - t0, 0.0, 0.0))
+            continue
         with prof:
             cls_logits, aux, _ = model(x)
             loss = F.cross_entropy(cls_logits, target) + 0.5 * F.cross_entropy(
@@ -275,7 +292,7 @@ def main() -> None:
     t_opt = med([s[4] for s in per_step])
     unf = t_fwd - sum(r[1] for r in rows)
     unb = t_bwd - sum(r[2] for r in rows)
-    print(f"{args.model} train step, batch {args.batch_size} @ {args.img_size}px, backend {backend} "
+    print(f"{args.model} {args.bench} step, batch {args.batch_size} @ {args.img_size}px, backend {backend} "
           f"({args.backend}), {args.threads} thread(s), process CPU ms, median of {args.steps} steps")
     print(f"{'part':32s} {'forward':>10s} {'backward':>10s} {'total':>10s}")
     for part, f, b in sorted(rows, key=lambda r: -(r[1] + r[2])):
@@ -285,7 +302,7 @@ def main() -> None:
     print(f"{'TOTAL step':32s} {t_fwd:10.1f} {t_bwd:10.1f} {t_fwd + t_bwd + t_opt:10.1f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"model": args.model, "backend": backend, "batch_size": args.batch_size,
+            json.dump({"model": args.model, "bench": args.bench, "backend": backend, "batch_size": args.batch_size,
                        "img_size": args.img_size, "threads": args.threads, "steps": args.steps,
                        "parts_ms": {p: {"forward": f, "backward": b} for p, f, b in rows},
                        "unattributed_ms": {"forward": unf, "backward": unb},

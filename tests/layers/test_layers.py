@@ -94,6 +94,22 @@ def test_einfft_inference_weight_cache_follows_parameter_changes():
     assert module.complex_weight_1.grad is not None
 
 
+def test_einfft_does_not_cache_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    module = EinFFT(16).eval()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with torch.inference_mode():
+            module(torch.randn(2, 40, 16))
+        assert module._weight_cache is None
+    finally:
+        dist.destroy_process_group()
+    with torch.inference_mode():
+        module(torch.randn(2, 40, 16))
+    assert module._weight_cache is not None
+
+
 def test_einfft_modes_differ_and_are_real():
     torch.manual_seed(0)
     a, b = EinFFT(16), EinFFT(16, fft_mode="tokens")

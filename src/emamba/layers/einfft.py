@@ -48,7 +48,7 @@ def _real_bias(bias: Tensor, conj: bool = False) -> Tensor:
     return torch.stack((bias[0], -bias[1] if conj else bias[1]), dim=-1).reshape(num_blocks, 1, 2 * bs)
 
 
-# Per FFT mode, for the real-input path (EinFFT.forward): the permutation from (batch, tokens, blocks, bs)
+# Per FFT mode, for the real-FFT path (EinFFT._half_spectrum): the permutation from (batch, tokens, blocks, bs)
 # to the FFT layout (the FFT dims last, tokens - the halved dim of rfftn - innermost) and back, and from
 # the half spectrum to the (blocks, batch, frequencies, bs) order of the block GEMMs and back.
 _HALF_LAYOUTS = {
@@ -57,7 +57,7 @@ _HALF_LAYOUTS = {
     "tokens": dict(fft_dims=(3,), to_fft=(0, 2, 3, 1), from_fft=(0, 3, 1, 2),
                    to_gemm=(1, 0, 3, 2), from_gemm=(1, 0, 3, 2)),
 }
-# The same for the full complex spectrum (used when compiling for CUDA, see _needs_exact_fft_strides).
+# The same for the full complex spectrum (EinFFT._full_spectrum: short sequences and CUDA compile).
 _LAYOUTS = {
     "tokens_blocks": dict(fft_dims=(2, 3), to_fft=(0, 3, 1, 2), from_fft=(0, 2, 3, 1),
                           to_gemm=(3, 0, 2, 1), from_gemm=(1, 3, 2, 0)),
@@ -137,11 +137,15 @@ class EinFFT(nn.Module):
         Expanding the complex blocks into real matrices copies ~C^2 values per call, which at the late
         stages (few tokens, wide channels) costs more than the layer's GEMMs. Without autograd (eval under
         ``torch.no_grad``/``inference_mode``) the expansion is kept and reused until a parameter changes
-        (its version counter or storage), e.g. after ``load_state_dict``, ``.to()`` or an optimizer step.
+        (its version counter or storage), e.g. after ``load_state_dict``, ``.to()``, an optimizer or EMA
+        step (all in-place updates bump the version counter).
         """
         params = (self.complex_weight_1, self.complex_bias_1, self.complex_weight_2, self.complex_bias_2)
         tracking = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if tracking or torch.compiler.is_compiling():
+        # Not under torch.distributed either: FSDP re-gathers parameters into reused storage, and whether
+        # that bumps the version counters is its implementation detail; a stale expansion would be silent.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if tracking or distributed or torch.compiler.is_compiling():
             return self._expand_block_weights(path, dtype)
         key = (path, dtype) + tuple((p.data_ptr(), p._version) for p in params)
         if self._weight_cache is None or self._weight_cache[0] != key:
@@ -194,7 +198,8 @@ class EinFFT(nn.Module):
         return h.permute(lay["from_fft"]).reshape(batch, tokens, channels)
 
     def _full_spectrum(self, x: Tensor) -> Tensor:
-        """EinFFT on the full complex spectrum (complex FFTs through :func:`emamba.ops.fft.fftn_ortho`)."""
+        """EinFFT on the full complex spectrum (complex FFTs; through :func:`emamba.ops.fft.fftn_ortho` when
+        compiling for CUDA)."""
         batch, tokens, channels = x.shape
         nb, bs = self.num_blocks, self.block_size
         lay = _LAYOUTS[self.fft_mode]
