@@ -24,12 +24,20 @@ def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: flo
 
 
 def _plain(linear: nn.Module) -> bool:
-    """True for a bias-free ``nn.Linear`` (not a subclass or wrapper) without module hooks."""
+    """Whether to apply ``linear`` as a channels-first GEMM on its weight (see :func:`_project`).
+
+    Only for a bias-free ``nn.Linear`` (not a subclass or wrapper) without module hooks, and only without
+    autograd: in a training step the backward of the broadcast-weight GEMMs (a (batch, out, in) weight
+    gradient summed over the batch, input gradients in the transposed layout) cost as much as the copies
+    they save (EMamba-S, batch 4, 128 px: inference 25% faster, training 0-6% slower; see
+    docs/performance_cpu.md), so training keeps the token-major module calls.
+    """
     return (
         type(linear) is nn.Linear
         and linear.bias is None
         and not linear._forward_hooks
         and not linear._forward_pre_hooks
+        and not (torch.is_grad_enabled() and linear.weight.requires_grad)
     )
 
 
@@ -49,10 +57,10 @@ def _project(linear: nn.Module, x_cf: Tensor) -> Tensor:
 
     The mixer keeps its activations channels-first, the layout of the depthwise conv and the scan kernels.
     Calling an ``nn.Linear`` there needs transposes whose ``.contiguous()`` copies cost ~10% of EMamba-S
-    CPU inference; ``weight @ x`` (a batched GEMM) gives the same product with BLAS reading the transposed operand in
-    place (bitwise equality is not promised: a different GEMM call may round differently). Modules that
-    are not a plain ``nn.Linear``, or that carry hooks (FLOP counters, LoRA-style wrappers, feature taps),
-    are called as modules, so they see exactly what they would in a token-major implementation.
+    CPU inference; ``weight @ x`` (a batched GEMM) gives the same product with BLAS reading the transposed
+    operand in place (bitwise equality is not promised: a different GEMM call may round differently).
+    Modules that are not a plain ``nn.Linear``, or that carry hooks (FLOP counters, LoRA-style wrappers,
+    feature taps), and every Linear under autograd, are called as modules (see :func:`_plain`).
     """
     if _plain(linear):
         return _bmm_weight(linear.weight, x_cf)
