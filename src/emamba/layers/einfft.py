@@ -35,9 +35,11 @@ def _real_block_matrix(weight: Tensor, conj_input: bool = False, conj_output: bo
     handles complex matmuls).
     """
     w_r, w_i = weight[0], weight[1]
-    sin, sout = (-1.0 if conj_input else 1.0), (-1.0 if conj_output else 1.0)
-    rows_re = torch.stack((w_r, sout * w_i), dim=-1)  # input real part -> (out re, out im)
-    rows_im = torch.stack((-sin * w_i, sin * sout * w_r), dim=-1)  # input imaginary part
+    neg_w_i = -w_i if not (conj_input and not conj_output) else None  # negations only where needed
+    neg_w_r = -w_r if conj_input != conj_output else None
+    # input real part -> (out re, out im), input imaginary part -> (out re, out im)
+    rows_re = torch.stack((w_r, neg_w_i if conj_output else w_i), dim=-1)
+    rows_im = torch.stack((w_i if conj_input else neg_w_i, w_r if neg_w_r is None else neg_w_r), dim=-1)
     num_blocks, bs, _ = w_r.shape
     return torch.stack((rows_re, rows_im), dim=2).reshape(num_blocks, 2 * bs, 2 * bs)
 
