@@ -36,7 +36,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 clock = time.process_time
@@ -228,6 +227,7 @@ def main() -> None:
     import emamba  # noqa: F401
     import emamba.layers.einfft as einfft_mod
     import emamba.layers.mamba as mamba_mod
+    from emamba.benchmark import train_loss
     from emamba.ops import resolve_backend
 
     torch.set_num_threads(args.threads)
@@ -264,9 +264,7 @@ def main() -> None:
                 per_step.append((dict(prof.fwd), {}, clock() - t0, 0.0, 0.0))
             continue
         with prof:
-            cls_logits, aux, _ = model(x)
-            loss = F.cross_entropy(cls_logits, target) + 0.5 * F.cross_entropy(
-                aux.flatten(0, 1), target.repeat_interleave(aux.shape[1]))
+            loss = train_loss(model(x), target)
         t_fwd = clock() - t0
         opt.zero_grad(set_to_none=True)
         bwd, t_bwd = time_backward(loss, prof.node_part)
@@ -275,7 +273,7 @@ def main() -> None:
         t_opt = clock() - t0
         if step >= args.warmup:
             per_step.append((dict(prof.fwd), dict(bwd), t_fwd, t_bwd, t_opt))
-        del loss, cls_logits, aux
+        del loss
 
     parts = sorted({k for f, b, *_ in per_step for k in list(f) + list(b)})
 

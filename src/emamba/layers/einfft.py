@@ -50,21 +50,21 @@ def _real_bias(bias: Tensor, conj: bool = False) -> Tensor:
     return torch.stack((bias[0], -bias[1] if conj else bias[1]), dim=-1).reshape(num_blocks, 1, 2 * bs)
 
 
-# Per FFT mode, for the real-FFT path (EinFFT._half_spectrum): the permutation from (batch, tokens, blocks, bs)
-# to the FFT layout (the FFT dims last, tokens - the halved dim of rfftn - innermost) and back, and from
-# the half spectrum to the (blocks, batch, frequencies, bs) order of the block GEMMs and back.
-_HALF_LAYOUTS = {
-    "tokens_blocks": dict(fft_dims=(2, 3), to_fft=(0, 3, 2, 1), from_fft=(0, 3, 2, 1),
-                          to_gemm=(2, 0, 3, 1), from_gemm=(1, 3, 0, 2)),
-    "tokens": dict(fft_dims=(3,), to_fft=(0, 2, 3, 1), from_fft=(0, 3, 1, 2),
-                   to_gemm=(1, 0, 3, 2), from_gemm=(1, 0, 3, 2)),
-}
-# The same for the full complex spectrum (EinFFT._full_spectrum: short sequences and CUDA compile).
+# Per FFT mode, for the full complex spectrum (EinFFT._full_spectrum: short sequences and CUDA compile): the
+# dims the FFT runs over, the permutation from (batch, tokens, blocks, bs) to the FFT layout (FFT dims last)
+# and back, and from that layout to the (blocks, batch, frequencies, bs) order of the block GEMMs and back.
 _LAYOUTS = {
     "tokens_blocks": dict(fft_dims=(2, 3), to_fft=(0, 3, 1, 2), from_fft=(0, 2, 3, 1),
                           to_gemm=(3, 0, 2, 1), from_gemm=(1, 3, 2, 0)),
     "tokens": dict(fft_dims=(3,), to_fft=(0, 2, 3, 1), from_fft=(0, 3, 1, 2),
                    to_gemm=(1, 0, 3, 2), from_gemm=(1, 0, 3, 2)),
+}
+# The same for the real-FFT path (EinFFT._half_spectrum): rfftn halves its last dim, which must be the
+# tokens. In "tokens" mode they already are; in "tokens_blocks" the blocks go before the tokens.
+_HALF_LAYOUTS = {
+    "tokens_blocks": dict(fft_dims=(2, 3), to_fft=(0, 3, 2, 1), from_fft=(0, 3, 2, 1),
+                          to_gemm=(2, 0, 3, 1), from_gemm=(1, 3, 0, 2)),
+    "tokens": _LAYOUTS["tokens"],
 }
 
 
