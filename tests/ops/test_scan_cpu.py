@@ -217,3 +217,19 @@ def test_fused_step_prologue_matches_aten(dtype, rtol, softplus):
     if softplus:
         expected = torch.nn.functional.softplus(expected)  # threshold 20: identity above
     torch.testing.assert_close(out, expected, rtol=rtol, atol=0)
+
+
+def test_fast_exp_accuracy_and_edges():
+    """The kernel's fp32 exp (decays, gates, softplus): within 2e-7 relative of 2^(its own fp32 argument
+    x * log2 e) over the whole normal range, within 2e-7 + |x| * 1e-7 of exp(x) (the argument's fp32
+    rounding), exactly 1 at 0, and the documented edges: 0 below, +inf on overflow, NaN through."""
+    fast_exp = scan_cpu._ext().fast_exp
+    x = torch.linspace(-87.0, 88.0, 2_000_001, dtype=torch.float32)
+    y = fast_exp(x).double()
+    arg = (x * 1.44269504088896341).double()  # fp32 product, as inside the kernel
+    assert ((y - torch.exp2(arg)).abs() / torch.exp2(arg)).max().item() < 2e-7
+    exact = torch.exp(x.double())
+    assert (((y - exact).abs() / exact) <= 2e-7 + x.double().abs() * 1e-7).all()
+    edges = torch.tensor([0.0, -89.0, -1e4, float("-inf"), 88.8, 1e4, float("nan")])
+    expected = torch.tensor([1.0, 0.0, 0.0, 0.0, float("inf"), float("inf"), float("nan")])
+    torch.testing.assert_close(fast_exp(edges), expected, equal_nan=True, rtol=0, atol=0)
