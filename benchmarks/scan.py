@@ -17,6 +17,12 @@ ddelta, dz, dB, dC). The machine's FLOP/s is a large fp32 GEMM and its bandwidth
 both measured at start-up; ``bound`` = max(flops / FLOP/s, bytes / bandwidth) and ``%roof`` =
 bound / measured time.
 
+That bound counts an exp as one FLOP, which no CPU achieves. On CPU the table also prints the **exp
+floor**: the batch * d * L * n decays exp(dt * A) a scan must evaluate (twice with the backward, which
+recomputes them from the checkpoints) divided by the throughput of the fused kernel's own vectorised exp,
+measured at start-up on a cache-resident buffer (``scan_cpu`` ``fast_exp``, all threads); ``%exp`` =
+exp floor / measured time. No backend with an exact exp per decay can run below it.
+
     python benchmarks/scan.py                       # all shapes, all backends available here
     python benchmarks/scan.py --shapes s1 --repeats 5 --json results/scan_cpu.json
 """
@@ -148,7 +154,31 @@ def machine_peaks(device: str) -> dict:
 
     gemm = timed(lambda: a @ a)
     copy = timed(lambda: out.copy_(big))
-    return {"flops_per_s": 2 * 2048**3 / gemm, "bytes_per_s": 2 * big.numel() * 4 / copy}
+    peaks = {"flops_per_s": 2 * 2048**3 / gemm, "bytes_per_s": 2 * big.numel() * 4 / copy}
+    peaks["exps_per_s"] = exp_throughput(timed) if device == "cpu" else None
+    return peaks
+
+
+def exp_throughput(timed) -> float | None:
+    """Exps per second of the fused CPU kernel's vectorised fp32 exp (None if the kernel is unavailable).
+
+    4 MiB in and out stay in the last-level cache, so the exp's arithmetic is what is measured; 32 calls per
+    timing make the per-call overhead (~10 us) negligible."""
+    import torch
+
+    from emamba.ops import scan_cpu
+
+    if not scan_cpu.is_available()[0]:
+        return None
+    fast_exp = scan_cpu._ext().fast_exp
+    x = -torch.rand(2**20) * 8  # decays: exp of dt * A <= 0
+    calls = 32
+
+    def many():
+        for _ in range(calls):
+            fast_exp(x)
+
+    return calls * x.numel() / timed(many)
 
 
 def run_one(args, backend, shape, mode) -> dict | None:
@@ -194,9 +224,10 @@ def main(argv=None) -> int:
             pass
     peaks = machine_peaks(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    exp_rate = peaks["exps_per_s"]
     print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"GEMM {peaks['flops_per_s'] / 1e9:.1f} GFLOP/s, copy {peaks['bytes_per_s'] / 1e9:.1f} GB/s, "
-          f"median of {args.repeats}")
+          + (f"exp {exp_rate / 1e9:.2f} Gexp/s, " if exp_rate else "") + f"median of {args.repeats}")
     results = []
     for shape in args.shapes:
         batch, length, d, n = SHAPES[shape]
@@ -209,17 +240,24 @@ def main(argv=None) -> int:
             backward = mode == "fwd+bwd"
             flops, nbytes = min_flops(batch, length, d, n, backward), min_bytes(batch, length, d, n, backward)
             bound = max(flops / peaks["flops_per_s"], nbytes / peaks["bytes_per_s"])
+            # decays exp(dt * A): batch * d * L * n, evaluated again by the backward's state recompute
+            exp_floor = (2 if backward else 1) * batch * d * length * n / exp_rate if exp_rate else None
             print(f"\nshape {shape} (batch {batch}, L {length}, d {d}, n {n}) {mode}: "
-                  f"min {flops / 1e9:.2f} GFLOP, {nbytes / 2**20:.0f} MiB -> bound {bound * 1e3:.2f} ms")
-            print(f"  {'backend':>10} {'median ms':>10} {'peak MB':>9} {'x ref':>7} {'x pscan':>8} {'%roof':>6}")
+                  f"min {flops / 1e9:.2f} GFLOP, {nbytes / 2**20:.0f} MiB -> bound {bound * 1e3:.2f} ms"
+                  + (f"; exp floor {exp_floor * 1e3:.2f} ms" if exp_floor else ""))
+            print(f"  {'backend':>10} {'median ms':>10} {'peak MB':>9} {'x ref':>7} {'x pscan':>8} {'%roof':>6}"
+                  + (f" {'%exp':>6}" if exp_floor else ""))
             for backend, r in rows.items():
                 r.update(shape_dims=SHAPES[shape], min_flops=flops, min_bytes=nbytes, bound_s=bound,
-                         roofline_fraction=bound / r["median_s"], device=device_name, **peaks)
+                         roofline_fraction=bound / r["median_s"], exp_floor_s=exp_floor,
+                         exp_floor_fraction=exp_floor / r["median_s"] if exp_floor else None,
+                         device=device_name, **peaks)
                 vs_ref = rows["reference"]["median_s"] / r["median_s"] if "reference" in rows else float("nan")
                 vs_ps = rows["mambapy"]["median_s"] / r["median_s"] if "mambapy" in rows else float("nan")
                 r.update(speedup_vs_reference=vs_ref, speedup_vs_mambapy=vs_ps)
                 print(f"  {backend:>10} {r['median_s'] * 1e3:>10.1f} {r['peak_extra_mb']:>9.0f} {vs_ref:>7.1f} "
-                      f"{vs_ps:>8.1f} {100 * r['roofline_fraction']:>5.1f}%")
+                      f"{vs_ps:>8.1f} {100 * r['roofline_fraction']:>5.1f}%"
+                      + (f" {100 * r['exp_floor_fraction']:>5.1f}%" if exp_floor else ""))
                 results.append(r)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
