@@ -187,19 +187,30 @@ def test_bidirectional_mixer_sees_the_future():
 
 
 def test_mamba_matches_reference_backend():
+    # auto (fused conv + scan kernels on CPU) against the pure-PyTorch path: values and gradients
     torch.manual_seed(0)
     mixer = MambaMixer(16, d_state=8)
     ref = MambaMixer(16, d_state=8, backend="reference")
     ref.load_state_dict(mixer.state_dict())
     x = torch.randn(2, 40, 16)
-    torch.testing.assert_close(mixer(x), ref(x), rtol=1e-4, atol=1e-5)
+    dout = torch.randn(2, 40, 16)
+    grads = {}
+    for name, module in (("auto", mixer), ("reference", ref)):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.backward(dout)
+        grads[name] = (out.detach(), xi.grad, module.conv1d.weight.grad, module.conv1d.bias.grad,
+                       module.in_proj.weight.grad)
+    for got, want in zip(grads["auto"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_mamba_channels_first_projections_match_module_calls(bidirectional):
     # Without autograd the mixer applies its plain Linear layers as channels-first GEMMs (no layout
-    # copies); with autograd, or with a hook on them, it calls the modules. Same values either way, and
-    # the hooks see every call.
+    # copies); with autograd, or with a hook on them, it calls the modules. A plain conv1d runs as the
+    # fused causal conv op; a hooked one is called as the module. Same values either way, and the hooks
+    # see every call.
     torch.manual_seed(0)
     mixer = MambaMixer(24, d_state=8, bidirectional=bidirectional)
     x = torch.randn(3, 17, 24)
@@ -210,7 +221,7 @@ def test_mamba_channels_first_projections_match_module_calls(bidirectional):
     torch.testing.assert_close(fast, module_calls.detach(), rtol=1e-5, atol=1e-6)
 
     calls = []
-    names = ["in_proj", "x_proj", "out_proj"] + (["x_proj_b"] if bidirectional else [])
+    names = ["in_proj", "conv1d", "x_proj", "out_proj"] + (["conv1d_b", "x_proj_b"] if bidirectional else [])
     handles = [getattr(mixer, n).register_forward_hook(lambda m, i, o, n=n: calls.append(n)) for n in names]
     try:
         with torch.no_grad():

@@ -14,7 +14,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")  # selective_scan'
 
 
 def make_inputs(batch, d, length, n, *, dtype=torch.float32, device="cpu", seed=0, D=True, z=True,
-                delta_bias=True, delta_init="normal", positive_delta_without_bias=False, A_in_fp64=False):
+                delta_bias=True, delta_init="normal", A_in_fp64=False):
     """Random scan inputs as a dict keyed by NAMES (absent optional inputs are None).
 
     Everything is drawn in float64 from one ``torch.Generator`` seeded with ``seed``, in the order of NAMES
@@ -25,8 +25,6 @@ def make_inputs(batch, d, length, n, *, dtype=torch.float32, device="cpu", seed=
         "softplus": delta ~ 0.5 N(0, 1) - 1 (raw pre-softplus values, softplus(-1) ~ 0.3),
                     delta_bias ~ 0.3 N(0, 1).
         "positive": delta ~ U(0.05, 0.55), delta_bias ~ U(0, 0.1): positive steps, for delta_softplus=False.
-    positive_delta_without_bias: without delta_bias, replace delta by |delta| / 2 (after the cast) so that a
-        scan without softplus cannot explode.
     A_in_fp64: compute A = -exp(0.5 N(0, 1)) in float64 and cast the result; otherwise the exponential is
         taken after the cast, in ``dtype`` on ``device``.
     """
@@ -61,8 +59,6 @@ def make_inputs(batch, d, length, n, *, dtype=torch.float32, device="cpu", seed=
         delta_bias = cast(uniform(d) * 0.1)
     else:
         delta_bias = cast(randn(d) * 0.3)
-    if positive_delta_without_bias and delta_bias is None:
-        delta = delta.abs() * 0.5
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
 
 

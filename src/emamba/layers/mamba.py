@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import selective_scan
+from ..ops import causal_conv1d_silu, selective_scan
 
 
 def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
@@ -150,8 +150,11 @@ class MambaMixer(nn.Module):
         A_log = self.A_log if not suffix else self.A_b_log
         D = getattr(self, f"D{suffix}")
 
-        length = x.shape[-1]
-        x = F.silu(conv1d(x)[..., :length])  # causal: drop the right padding
+        if type(conv1d) is nn.Conv1d and not conv1d._forward_hooks and not conv1d._forward_pre_hooks:
+            # the fused CPU kernel where it applies (emamba.ops.causal_conv1d); the same function otherwise
+            x = causal_conv1d_silu(x, conv1d.weight[:, 0], conv1d.bias, backend=self.backend)
+        else:  # wrapped or hooked conv (FLOP counters, feature taps): call the module
+            x = F.silu(conv1d(x)[..., : x.shape[-1]])  # causal: drop the right padding
         x_dbl = _project(x_proj, x)  # (batch, dt_rank + 2n, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = _bmm_weight(dt_proj.weight, dt)  # (batch, d_inner, L); dt_proj's bias is added inside the scan
