@@ -242,6 +242,8 @@ def main() -> None:
     # Region wrappers (patched on the layer modules' globals, so the layers' own calls go through them).
     orig_scan = mamba_mod.selective_scan
     mamba_mod.selective_scan = prof.forced_region("mamba.scan", orig_scan)
+    if hasattr(mamba_mod, "causal_conv1d_silu"):  # the fused conv op (absent in older revisions)
+        mamba_mod.causal_conv1d_silu = prof.forced_region("mamba.conv1d+silu", mamba_mod.causal_conv1d_silu)
     if hasattr(einfft_mod.EinFFT, "_expand_block_weights"):  # building the real block matrices
         expand = einfft_mod.EinFFT._expand_block_weights
         einfft_mod.EinFFT._expand_block_weights = prof.forced_region("einfft.block_weights", expand)

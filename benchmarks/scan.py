@@ -17,11 +17,11 @@ ddelta, dz, dB, dC). The machine's FLOP/s is a large fp32 GEMM and its bandwidth
 both measured at start-up; ``bound`` = max(flops / FLOP/s, bytes / bandwidth) and ``%roof`` =
 bound / measured time.
 
-That bound counts an exp as one FLOP, which no CPU achieves. On CPU the table also prints the **exp
-floor**: the batch * d * L * n decays exp(dt * A) a scan must evaluate (twice with the backward, which
-recomputes them from the checkpoints) divided by the throughput of the fused kernel's own vectorised exp,
-measured at start-up on a cache-resident buffer (``scan_cpu`` ``fast_exp``, all threads); ``%exp`` =
-exp floor / measured time. No backend with an exact exp per decay can run below it.
+That bound counts an exp as a few FLOPs at GEMM speed, which no CPU achieves. On CPU the table also prints
+the **exp floor**: the batch * d * L * n decays exp(dt * A) a scan must evaluate (twice with the backward,
+which recomputes them from the checkpoints) divided by the throughput of the fused kernel's own decay loop,
+measured at start-up for each state size n on cache-resident operands (``decays_probe``, all threads);
+``%exp`` = exp floor / measured time. A kernel that evaluates each decay with this exp cannot run below it.
 
     python benchmarks/scan.py                       # all shapes, all backends available here
     python benchmarks/scan.py --shapes s1 --repeats 5 --json results/scan_cpu.json
@@ -131,54 +131,48 @@ def worker(backend: str, shape: str, mode: str, repeats: int, device: str) -> di
 
 
 # --------------------------------------------------------------------------------------------- driver
-def machine_peaks(device: str) -> dict:
-    """Measured fp32 GEMM FLOP/s and copy bandwidth (bytes read + written per second)."""
+def _timed(fn, device: str, repeats: int = 5) -> float:
+    """Median seconds of ``repeats`` calls of fn after one warm-up."""
+    import torch
+
+    fn()
+    ts = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def machine_peaks(device: str, state_sizes) -> dict:
+    """Measured fp32 GEMM FLOP/s, copy bandwidth (bytes read + written per second) and, on CPU, the decay
+    exps per second for each state size n (``exps_per_s``, see :func:`exp_throughput`)."""
     import torch
 
     a = torch.randn(2048, 2048, device=device)
     big = torch.empty(64 * 2**20 // 4, device=device)  # 64 MiB, well beyond the caches
     out = torch.empty_like(big)
-
-    def timed(fn, repeats=5):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
-    gemm = timed(lambda: a @ a)
-    copy = timed(lambda: out.copy_(big))
-    peaks = {"flops_per_s": 2 * 2048**3 / gemm, "bytes_per_s": 2 * big.numel() * 4 / copy}
-    peaks["exps_per_s"] = exp_throughput(timed) if device == "cpu" else None
-    return peaks
+    gemm = _timed(lambda: a @ a, device)
+    copy = _timed(lambda: out.copy_(big), device)
+    exps = {n: exp_throughput(n) for n in sorted(set(state_sizes))} if device == "cpu" else {}
+    return {"flops_per_s": 2 * 2048**3 / gemm, "bytes_per_s": 2 * big.numel() * 4 / copy,
+            "exps_per_s": {n: r for n, r in exps.items() if r}}
 
 
-def exp_throughput(timed) -> float | None:
-    """Exps per second of the fused CPU kernel's vectorised fp32 exp (None if the kernel is unavailable).
-
-    4 MiB in and out stay in the last-level cache, so the exp's arithmetic is what is measured; 32 calls per
-    timing make the per-call overhead (~10 us) negligible."""
-    import torch
-
+def exp_throughput(n: int) -> float | None:
+    """Decays exp(dt * A) per second through the fused CPU kernel's own decay loop, all threads, on
+    cache-resident operands (``decays_probe``), for state size n; None if the kernel is unavailable."""
     from emamba.ops import scan_cpu
 
     if not scan_cpu.is_available()[0]:
         return None
-    fast_exp = scan_cpu._ext().fast_exp
-    x = -torch.rand(2**20) * 8  # decays: exp of dt * A <= 0
-    calls = 32
-
-    def many():
-        for _ in range(calls):
-            fast_exp(x)
-
-    return calls * x.numel() / timed(many)
+    probe = scan_cpu._ext().decays_probe
+    count = 2**27  # ~30 ms on 2 cores
+    return count / _timed(lambda: probe(count, n), "cpu")
 
 
 def run_one(args, backend, shape, mode) -> dict | None:
@@ -222,12 +216,13 @@ def main(argv=None) -> int:
             args.backends.append("mambapy")
         except ImportError:
             pass
-    peaks = machine_peaks(args.device)
+    peaks = machine_peaks(args.device, [SHAPES[s][3] for s in args.shapes])
+    exp_rates = peaks.pop("exps_per_s")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    exp_rate = peaks["exps_per_s"]
     print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"GEMM {peaks['flops_per_s'] / 1e9:.1f} GFLOP/s, copy {peaks['bytes_per_s'] / 1e9:.1f} GB/s, "
-          + (f"exp {exp_rate / 1e9:.2f} Gexp/s, " if exp_rate else "") + f"median of {args.repeats}")
+          + "".join(f"decay exps (n={n}) {r / 1e9:.2f} G/s, " for n, r in exp_rates.items())
+          + f"median of {args.repeats}")
     results = []
     for shape in args.shapes:
         batch, length, d, n = SHAPES[shape]
@@ -241,6 +236,7 @@ def main(argv=None) -> int:
             flops, nbytes = min_flops(batch, length, d, n, backward), min_bytes(batch, length, d, n, backward)
             bound = max(flops / peaks["flops_per_s"], nbytes / peaks["bytes_per_s"])
             # decays exp(dt * A): batch * d * L * n, evaluated again by the backward's state recompute
+            exp_rate = exp_rates.get(n)
             exp_floor = (2 if backward else 1) * batch * d * length * n / exp_rate if exp_rate else None
             print(f"\nshape {shape} (batch {batch}, L {length}, d {d}, n {n}) {mode}: "
                   f"min {flops / 1e9:.2f} GFLOP, {nbytes / 2**20:.0f} MiB -> bound {bound * 1e3:.2f} ms"
@@ -251,7 +247,7 @@ def main(argv=None) -> int:
                 r.update(shape_dims=SHAPES[shape], min_flops=flops, min_bytes=nbytes, bound_s=bound,
                          roofline_fraction=bound / r["median_s"], exp_floor_s=exp_floor,
                          exp_floor_fraction=exp_floor / r["median_s"] if exp_floor else None,
-                         device=device_name, **peaks)
+                         exps_per_s=exp_rate, device=device_name, **peaks)
                 vs_ref = rows["reference"]["median_s"] / r["median_s"] if "reference" in rows else float("nan")
                 vs_ps = rows["mambapy"]["median_s"] / r["median_s"] if "mambapy" in rows else float("nan")
                 r.update(speedup_vs_reference=vs_ref, speedup_vs_mambapy=vs_ps)

@@ -751,7 +751,7 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& dout, const at::Tensor& x, co
 }
 
 // exp(x) elementwise with the kernel's fp32 polynomial (the same inline code as its decays and gates), for
-// the accuracy tests and for the benchmark's exp-throughput floor (benchmarks/scan.py).
+// the accuracy tests.
 at::Tensor fast_exp(const at::Tensor& x) {
   check(x, "x", at::kFloat);
   auto y = at::empty_like(x);
@@ -764,6 +764,31 @@ at::Tensor fast_exp(const at::Tensor& x) {
   return y;
 }
 
+// Throughput probe for benchmarks/scan.py's exp floor: evaluates about `count` fp32 decays exp(dt * A) with
+// the forward's own loop (chunk_decays: kChunk steps x n states per call) on cache-resident operands, all
+// threads, and returns a checksum so that nothing is optimised away. A large elementwise exp would measure
+// the memory bandwidth instead (8 bytes per exp against ~0.25 ns of arithmetic on this machine's cores).
+double decays_probe(int64_t count, int64_t n) {
+  TORCH_CHECK(n > 0 && count > 0, "decays_probe: count and n must be positive");
+  const int64_t calls = std::max<int64_t>(1, count / (kChunk * n));
+  std::vector<double> partial(at::get_num_threads(), 0.0);
+  at::parallel_for(0, calls, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> dt(kChunk), As(n), abuf(kChunk * n);
+    for (int64_t t = 0; t < kChunk; ++t) dt[t] = 0.01f * static_cast<float>(t + 1);
+    for (int64_t k = 0; k < n; ++k) As[k] = -0.1f * static_cast<float>(k + 1) * Exp<float>::kScale;
+    double acc = 0.0;
+    for (int64_t c = begin; c < end; ++c) {
+      dt[c % kChunk] += 1e-6f;  // new inputs every call
+      chunk_decays<float>(dt.data(), As.data(), 0, kChunk, n, abuf.data());
+      acc += abuf[(c * 7) % (kChunk * n)];
+    }
+    partial[at::get_thread_num()] += acc;
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
 int64_t chunk_size() { return kChunk; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -772,6 +797,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_steps", &scan_steps, "the forward's effective steps softplus(delta + delta_bias) (CPU)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d + SiLU forward (CPU)");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d + SiLU backward (CPU)");
-  m.def("fast_exp", &fast_exp, "exp with the kernel's fp32 polynomial (tests, benchmarks)");
+  m.def("fast_exp", &fast_exp, "exp with the kernel's fp32 polynomial (accuracy tests)");
+  m.def("decays_probe", &decays_probe, "throughput probe of the forward's decay loop (benchmarks)");
   m.def("chunk_size", &chunk_size, "time steps between saved states");
 }
