@@ -187,13 +187,15 @@ class EinFFT(nn.Module):
         spec = torch.fft.rfftn(h, dim=lay["fft_dims"], norm="ortho")
         freqs = spec.shape[-1]
         h = torch.view_as_real(spec.permute(lay["to_gemm"])).reshape(nb, batch * freqs, 2 * bs)
-        # layer 1, [Y-path | mirrored path] side by side: (nb, M, 2bs) @ (nb, 2bs, 4bs)
-        h = F.relu(torch.baddbmm(c1, h, m1))
+        # layer 1, [Y-path | mirrored path] side by side: (nb, M, 2bs) @ (nb, 2bs, 4bs). The elementwise
+        # steps below run in place on fresh GEMM / soft-shrink outputs (whose backward does not need them):
+        # one pass and one allocation less each.
+        h = torch.baddbmm(c1, h, m1).relu_()
         y = torch.baddbmm(c2, h[..., : 2 * bs], m2)
         y_mirror = torch.baddbmm(c2_mirror, h[..., 2 * bs :], m2_mirror)
         if self.sparsity_threshold:
             y, y_mirror = F.softshrink(y, self.sparsity_threshold), F.softshrink(y_mirror, self.sparsity_threshold)
-        y = 0.5 * (y + y_mirror)
+        y = y.add_(y_mirror).mul_(0.5)
         y = torch.view_as_complex(y.reshape(nb, batch, freqs, bs, 2)).permute(lay["from_gemm"])
         fft_sizes = (nb, tokens) if self.fft_mode == "tokens_blocks" else (tokens,)
         h = torch.fft.irfftn(y, s=fft_sizes, dim=lay["fft_dims"], norm="ortho")
@@ -212,7 +214,7 @@ class EinFFT(nn.Module):
         h = x.reshape(batch, tokens, nb, bs).permute(lay["to_fft"])
         h = _fftn(h, lay["fft_dims"]).permute(lay["to_gemm"])
         h = torch.view_as_real(h).reshape(nb, batch * tokens, 2 * bs)
-        h = F.relu(torch.baddbmm(c1, h, m1))
+        h = torch.baddbmm(c1, h, m1).relu_()  # in place on the fresh GEMM output
         h = torch.baddbmm(c2, h, m2)
         if self.sparsity_threshold:
             h = F.softshrink(h, self.sparsity_threshold)
