@@ -23,6 +23,11 @@ def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
 
+def _unhooked(module: nn.Module) -> bool:
+    """No forward (pre-)hooks: the module may be replaced by a direct call on its weights."""
+    return not module._forward_hooks and not module._forward_pre_hooks
+
+
 def _plain(linear: nn.Module) -> bool:
     """Whether to apply ``linear`` as a channels-first GEMM on its weight (see :func:`_project`).
 
@@ -35,8 +40,7 @@ def _plain(linear: nn.Module) -> bool:
     return (
         type(linear) is nn.Linear
         and linear.bias is None
-        and not linear._forward_hooks
-        and not linear._forward_pre_hooks
+        and _unhooked(linear)
         and not (torch.is_grad_enabled() and linear.weight.requires_grad)
     )
 
@@ -150,7 +154,7 @@ class MambaMixer(nn.Module):
         A_log = self.A_log if not suffix else self.A_b_log
         D = getattr(self, f"D{suffix}")
 
-        if type(conv1d) is nn.Conv1d and not conv1d._forward_hooks and not conv1d._forward_pre_hooks:
+        if type(conv1d) is nn.Conv1d and _unhooked(conv1d):
             # the fused CPU kernel where it applies (emamba.ops.causal_conv1d); the same function otherwise
             x = causal_conv1d_silu(x, conv1d.weight[:, 0], conv1d.bias, backend=self.backend)
         else:  # wrapped or hooked conv (FLOP counters, feature taps): call the module

@@ -52,15 +52,13 @@ def _conv_bwd_fake(dout, x, weight, bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.has_bias = bias is not None
+    ctx.save_for_backward(*inputs)  # x, weight, bias (None stays None)
 
 
 def _backward(ctx, dout):
     x, weight, bias = ctx.saved_tensors
     dx, dweight, dbias = _conv_bwd(dout.contiguous(), x, weight, bias)
-    return dx, dweight, dbias if ctx.has_bias else None
+    return dx, dweight, dbias if bias is not None else None
 
 
 torch.library.register_autograd("emamba::causal_conv1d_silu_fwd", _backward, setup_context=_setup_context)

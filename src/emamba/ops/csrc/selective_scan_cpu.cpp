@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -151,19 +152,20 @@ inline void effective_steps(const T* __restrict delta, T bias, bool softplus, in
 
 inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
 
-// Calls fn(std::integral_constant<int, NF>) with NF = n for the state sizes EMamba uses and NF = 0
-// (n read at run time) otherwise. With n a compile-time constant the chunk loops keep the running state
+// Calls fn(std::integral_constant<int, V>) with V = value when value is one of Sizes, and V = 0 (the value
+// read at run time) otherwise, so that hot loops can be compiled for the sizes EMamba uses.
+template <int... Sizes, typename Fn>
+inline void with_constant(int64_t value, Fn&& fn) {
+  const bool matched = ((value == Sizes ? (fn(std::integral_constant<int, Sizes>{}), true) : false) || ...);
+  if (!matched) fn(std::integral_constant<int, 0>{});
+}
+
+// The state sizes EMamba uses. With n a compile-time constant the chunk loops keep the running state
 // (forward: h, backward: dh) in a local array the compiler holds in registers for a whole chunk, instead
 // of loading and storing it at every time step: about 20-30% less time per scan on AVX2.
 template <typename Fn>
 inline void with_state_size(int64_t n, Fn&& fn) {
-  switch (n) {
-    case 8: fn(std::integral_constant<int, 8>{}); break;
-    case 16: fn(std::integral_constant<int, 16>{}); break;
-    case 32: fn(std::integral_constant<int, 32>{}); break;
-    case 64: fn(std::integral_constant<int, 64>{}); break;
-    default: fn(std::integral_constant<int, 0>{});
-  }
+  with_constant<8, 16, 32, 64>(n, std::forward<Fn>(fn));
 }
 
 // Decays exp(dt_t * A) for steps [t0, t1) into abuf ((t1 - t0, n)). A separate pass over the whole chunk
@@ -621,12 +623,6 @@ inline void conv_row_preact(const T* __restrict x, const T* __restrict w, T bias
   }
 }
 
-template <typename Fn>
-inline void with_kernel_size(int64_t K, Fn&& fn) {
-  if (K == 4) fn(std::integral_constant<int, 4>{});
-  else fn(std::integral_constant<int, 0>{});
-}
-
 template <typename T>
 inline void silu_inplace(T* __restrict o, int64_t L) {
 #pragma omp simd
@@ -697,7 +693,7 @@ at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optiona
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % d;
         T* o = op + r * L;
-        with_kernel_size(K, [&](auto kf) {
+        with_constant<4>(K, [&](auto kf) {
           conv_row_preact<T, decltype(kf)::value>(xp + r * L, wp + c * K, bp ? bp[c] : T(0), L, K, o);
         });
         silu_inplace<T>(o, L);
@@ -737,7 +733,7 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& dout, const at::Tensor& x, co
           const int64_t r = b * d + c;
           const T* xr = xp + r * L;
           const T* gr = gp + r * L;
-          with_kernel_size(K, [&](auto kf) {
+          with_constant<4>(K, [&](auto kf) {
             constexpr int KF = decltype(kf)::value;
             conv_row_preact<T, KF>(xr, wc, bp ? bp[c] : T(0), L, K, g);
             dbias += conv_row_backward<T, KF>(gr, xr, wc, L, K, g, dxp + r * L, dwc.data());
