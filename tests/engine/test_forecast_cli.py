@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from emamba.cli import main as cli_main
 from emamba.engine import forecast
@@ -51,7 +52,8 @@ def test_parse_defaults_and_tslib_names():
     ])
     assert args.data_path == "ETTm2.csv" and args.freq == "t" and args.revin == 0 and args.itr == 2
     for bad in (["--data", "custom"], ["--features", "X"], ["--revin", "maybe"], ["--label_len", "200"],
-                ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"]):
+                ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
+                ["--loss", "SMAPE"]):
         with pytest.raises(SystemExit):
             forecast.parse_args(bad)
 
@@ -135,14 +137,40 @@ def test_bad_inputs(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("loss, reference", [("MSE", "mse_loss"), ("MAE", "l1_loss"), ("Huber", "huber_loss")])
+def test_loss_option_trains_with_that_loss_and_validates_on_mse(tmp_path, capsys, monkeypatch, loss, reference):
+    """--loss picks the training loss; early stopping still reads the validation MSE."""
+    import torch.nn.functional as F
+
+    assert forecast.parse_args([]).loss == "MSE"
+    seen = []
+    real = forecast.LOSSES[loss]
+
+    def spy(pred, true):
+        value = real(pred, true)
+        assert torch.allclose(value, getattr(F, reference)(pred, true))
+        seen.append(value.item())
+        return value
+
+    monkeypatch.setitem(forecast.LOSSES, loss, spy)
+    _write_custom(tmp_path / "OTHER.csv")
+    assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv",
+                          "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--batch_size", "64",
+                          "--train_epochs", "1", "--loss", loss, *TINY, *_out(tmp_path)]) == 0
+    assert len(seen) == 6  # one call per training batch: validation and test never use the training loss
+    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert row["loss"] == loss and np.isfinite(row["best_val_loss"])
+    capsys.readouterr()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     _write_custom(tmp_path / "OTHER.csv")
     real = forecast.criterion
     calls = {"n": 0}
 
-    def flaky(pred, true):
+    def flaky(pred, true, kind="MSE"):
         calls["n"] += 1
-        loss = real(pred, true)
+        loss = real(pred, true, kind)
         return loss * float("nan") if calls["n"] > 8 else loss
 
     monkeypatch.setattr(forecast, "criterion", flaky)

@@ -22,6 +22,7 @@ import random
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lradj", default="type1", choices=list(LRADJ),
                    help="type1: halve every epoch; type3: constant 3 epochs then x0.9; cosine; constant")
     g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--loss", default="MSE", choices=list(LOSSES),
+                   help="training loss; validation (early stopping) and test metrics stay MSE-based")
 
     g = p.add_argument_group("output")
     g.add_argument("--checkpoints", default="./checkpoints/", help="folder for checkpoints and plots")
@@ -332,9 +335,20 @@ def naive_forecast(loader: DataLoader, args) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(preds), np.concatenate(trues)
 
 
-def criterion(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Training loss (TSLib: MSE). Module-level so that tests can replace it."""
-    return nn.functional.mse_loss(pred, true)
+#: ``--loss`` -> training loss on the scaled data. Early stopping, checkpoint choice and the reported
+#: metrics always use the MSE, so runs trained with different losses are compared on the same number.
+#: MAE and Huber weigh the rare large errors less (ETTh2 and ETTm2 have spikes); Huber's delta is 1
+#: standard deviation of the scaled series.
+LOSSES = {
+    "MSE": nn.functional.mse_loss,
+    "MAE": nn.functional.l1_loss,
+    "Huber": partial(nn.functional.huber_loss, delta=1.0),
+}
+
+
+def criterion(pred: torch.Tensor, true: torch.Tensor, loss: str = "MSE") -> torch.Tensor:
+    """Training loss chosen by ``--loss`` (TSLib default: MSE). Module-level so that tests can replace it."""
+    return LOSSES[loss](pred, true)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -362,7 +376,7 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
                 batch_x = batch_x.float().to(device)
                 target = batch_y[:, -args.pred_len :, f_dim:].float().to(device)
                 out = model(batch_x, batch_x_mark.float().to(device), None, batch_y_mark.float().to(device))
-                loss = criterion(out[:, -args.pred_len :, f_dim:], target)
+                loss = criterion(out[:, -args.pred_len :, f_dim:], target, args.loss)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"training loss is {loss.item()} at epoch {epoch}, batch {count + 1}")
                 optimizer.zero_grad(set_to_none=True)
@@ -448,7 +462,7 @@ _ROW_ARGS = (
     "model_id", "model", "data", "data_path", "features", "target", "seq_len", "label_len", "pred_len",
     "enc_in", "c_out", "tokenization", "patch_len", "stride", "d_model", "e_layers", "d_ff", "d_state", "d_conv",
     "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "batch_size", "learning_rate", "lradj",
-    "train_epochs", "patience", "weight_decay", "des",
+    "train_epochs", "patience", "weight_decay", "loss", "des",
 )
 
 
