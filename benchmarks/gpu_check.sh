@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# GPU check of the Triton selective-scan backend (emamba.ops.scan_triton). Needs one CUDA GPU; < 5 min.
+# GPU check of the Triton kernels: the selective scan (emamba.ops.scan_triton) and the causal conv1d + SiLU
+# (emamba.ops.conv_triton). Needs one CUDA GPU; < 5 min.
 #
 #   1. prints the GPU,
-#   2. runs the Triton correctness tests on CUDA (tests/ops -k triton),
+#   2. runs the Triton correctness tests on CUDA (tests/ops/test_scan_triton.py, tests/ops/test_conv_triton.py),
 #   3. checks the default tile configuration at realistic shapes against the pure-PyTorch chunked scan,
 #   4. times forward and forward+backward of the triton scan (and of mamba_ssm's selective_scan_fn when it
 #      is importable) at EMamba-S-like shapes: median of 7 runs with CUDA events; reports the achieved
-#      GB/s against the minimum bytes the scan must move and the exp2 rate against the SFU limit.
+#      GB/s against the minimum bytes the scan must move and the exp2 rate against the SFU limit,
+#   5. checks the conv kernels with their default tiles and times them against F.conv1d + F.silu (cuDNN).
 #
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON=/path/to/python to choose the interpreter)
 set -euo pipefail
@@ -33,7 +35,8 @@ EOF
 echo
 echo "== correctness tests (CUDA, compiled kernels)"
 status=0
-timeout 120 "$PY" -m pytest tests/ops/test_scan_triton.py -q -p no:cacheprovider || status=$?
+timeout 120 "$PY" -m pytest tests/ops/test_scan_triton.py tests/ops/test_conv_triton.py -q -p no:cacheprovider \
+    || status=$?
 echo "pytest exit status: $status"
 
 echo
@@ -154,5 +157,64 @@ print(f"tiles: CHUNK_SIZE={scan_triton.CHUNK_SIZE}, FWD_STEPS={scan_triton.FWD_S
       f"BLOCK_D auto (cap fwd {scan_triton._FWD_TILE}//next_pow2(n), bwd {scan_triton._BWD_MAX_BLOCK_D})")
 EOF
 echo
-echo "pytest status $status, benchmark status $bench_status"
-exit $(( status != 0 || bench_status != 0 ))
+echo "== causal conv1d + SiLU: default tiles vs the formula, then triton vs F.conv1d + F.silu"
+conv_status=0
+timeout 50 "$PY" - <<'EOF' || conv_status=$?
+import statistics
+import torch
+from emamba.ops import conv_triton
+from emamba.ops.causal_conv1d import causal_conv1d_silu_reference
+
+dev = "cuda"
+
+def median_ms(fn, runs=9, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+print(f"tiles: BLOCK_D={conv_triton.BLOCK_D}, BLOCK_L={conv_triton.BLOCK_L}, num_warps={conv_triton.NUM_WARPS}")
+print(f"{'shape (b, d, L)':>18} {'dtype':>9} {'max rel err':>11} {'tri fwd ms':>10} {'torch fwd ms':>12} {'fwd x':>6} "
+      f"{'tri f+b ms':>10} {'torch f+b ms':>12} {'f+b x':>6} {'fwd GB/s':>8}")
+for (batch, d, L) in [(8, 256, 3136), (8, 512, 784), (8, 1024, 196), (8, 1792, 49), (64, 256, 3136)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(batch, d, L, device=dev, dtype=dtype)
+        w = torch.randn(d, 4, device=dev, dtype=dtype) * 0.5
+        b = torch.randn(d, device=dev, dtype=dtype)
+        dout = torch.randn_like(x)
+        leaves = [t.double().requires_grad_(True) for t in (x, w, b)]
+        ref = causal_conv1d_silu_reference(*leaves)
+        ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+        got = [conv_triton.forward(x, w, b), *conv_triton.backward(dout, x, w, b)]
+        err = max(((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, [ref, *ref_grads]))
+        tl_leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+
+        def torch_fwd():
+            with torch.no_grad():
+                return causal_conv1d_silu_reference(x, w, b)
+
+        def torch_both():
+            out = causal_conv1d_silu_reference(*tl_leaves)
+            return torch.autograd.grad(out, tl_leaves, dout)
+
+        def tri_both():
+            conv_triton.forward(x, w, b)
+            return conv_triton.backward(dout, x, w, b)
+
+        tf, rf = median_ms(lambda: conv_triton.forward(x, w, b)), median_ms(torch_fwd)
+        tb, rb = median_ms(tri_both), median_ms(torch_both)
+        gbs = 2 * x.numel() * x.element_size() / tf / 1e6
+        print(f"{str((batch, d, L)):>18} {str(dtype)[6:]:>9} {err:11.1e} {tf:10.3f} {rf:12.3f} {rf / tf:6.2f} "
+              f"{tb:10.3f} {rb:12.3f} {rb / tb:6.2f} {gbs:8.0f}")
+        del x, w, b, dout, leaves, ref, ref_grads, got, tl_leaves
+        torch.cuda.empty_cache()
+print("x = torch time / triton time (> 1: the triton kernel is faster); fwd GB/s = (read x + write out) / time")
+EOF
+echo
+echo "pytest status $status, scan benchmark status $bench_status, conv status $conv_status"
+exit $(( status != 0 || bench_status != 0 || conv_status != 0 ))

@@ -2,12 +2,19 @@
 
 ``causal_conv1d_silu(x, weight, bias)`` computes ``silu(conv1d(x, weight, bias, padding=K-1,
 groups=d)[..., :L])`` for x of shape (batch, d, L), the way ``nn.Conv1d`` plus a slice does in the original
-code. On CPU, for float32/float64 tensors outside autocast, it runs the fused kernel of
-:mod:`emamba.ops.scan_cpu` (one vectorised pass per row with the SiLU fused, and its backward): PyTorch's CPU
-depthwise conv pads both ends and took 3.4 ms per call at the EMamba-S stage-1 shape, the kernel 0.3 ms. The
-pure-PyTorch backends (``reference``, ``torch``), other devices and dtypes, and autocast regions use the
-``F.conv1d`` formula. The kernel sits behind a ``torch.library`` custom op with an autograd formula and a
-fake implementation, so ``torch.compile`` traces through it.
+code. Fused kernels, forward and backward, behind one ``torch.library`` custom op (with an autograd formula
+and a fake implementation, so ``torch.compile`` traces through it):
+
+* CPU, float32/float64 outside autocast: the C++ kernel of :mod:`emamba.ops.scan_cpu` (one vectorised pass
+  per row with the SiLU fused). PyTorch's CPU depthwise conv pads both ends and took 3.4 ms per call at the
+  EMamba-S stage-1 shape, the kernel 0.3 ms.
+* CUDA, float32/float64/float16/bfloat16 (under autocast: the autocast dtype, as ``F.conv1d`` would use):
+  the Triton kernels of :mod:`emamba.ops.conv_triton` (one pass instead of cuDNN's conv plus a SiLU kernel).
+  They are checked under Triton's interpreter and compiled offline for sm_90 by the tests; their speed on a
+  GPU is measured by ``benchmarks/gpu_check.sh``.
+
+The pure-PyTorch backends (``reference``, ``torch``), other devices and dtypes, CPU autocast regions, and
+machines where the kernel is unavailable use the ``F.conv1d`` formula.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import scan_cpu
+from . import conv_triton, scan_cpu
+from .amp import autocast_disabled
 
 _EMPTY = (0,)
 
@@ -61,6 +69,17 @@ def _backward(ctx, dout):
     return dx, dweight, dbias if bias is not None else None
 
 
+@_conv_fwd.register_kernel("cuda")
+def _conv_fwd_cuda(x, weight, bias):
+    return conv_triton.forward(x, weight, bias)
+
+
+@_conv_bwd.register_kernel("cuda")
+def _conv_bwd_cuda(dout, x, weight, bias):
+    dx, dweight, dbias = conv_triton.backward(dout, x, weight, bias)
+    return dx, dweight, dbias if dbias is not None else x.new_empty(_EMPTY)
+
+
 torch.library.register_autograd("emamba::causal_conv1d_silu_fwd", _backward, setup_context=_setup_context)
 
 
@@ -69,11 +88,20 @@ def _kernel_available() -> bool:
     return scan_cpu.is_available()[0]
 
 
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    return conv_triton.is_available()[0]
+
+
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """silu(causal depthwise conv1d(x)): x (batch, d, L), weight (d, K), bias (d,) -> (batch, d, L).
 
     ``backend`` is the mixer's scan backend: ``reference`` and ``torch`` keep the whole mixer in plain
-    PyTorch (``F.conv1d``); any other value uses the fused CPU kernel where it applies (see module doc).
+    PyTorch (``F.conv1d``); any other value uses the fused CPU or CUDA kernel where it applies (see module
+    doc).
     """
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, d, L), got shape {tuple(x.shape)}")
@@ -81,15 +109,32 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"weight must be (d={x.shape[1]}, K), got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
         raise ValueError(f"bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
+    if backend in ("reference", "torch"):
+        return causal_conv1d_silu_reference(x, weight, bias)
+    if x.device.type == "cuda":
+        if torch.is_autocast_enabled("cuda"):  # the dtype F.conv1d would run in
+            dtype = torch.get_autocast_dtype("cuda")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if not (x.dtype in _CUDA_DTYPES and _same_dtype(x, weight, bias) and _triton_available()):
+            return causal_conv1d_silu_reference(x, weight, bias)
+        with autocast_disabled("cuda"):
+            return _fused(x, weight, bias)
     fused = (
-        backend not in ("reference", "torch")
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and weight.dtype == x.dtype
-        and (bias is None or bias.dtype == x.dtype)
+        and _same_dtype(x, weight, bias)
         and not torch.is_autocast_enabled("cpu")
         and _kernel_available()
     )
     if not fused:
         return causal_conv1d_silu_reference(x, weight, bias)
+    return _fused(x, weight, bias)
+
+
+def _same_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    return weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+
+
+def _fused(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return _conv_fwd(x.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None)
