@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 from emamba.ops import causal_conv1d, conv_triton  # noqa: E402
 from emamba.ops.causal_conv1d import causal_conv1d_silu, causal_conv1d_silu_reference  # noqa: E402
+from triton_offline import compile_for_sm90  # noqa: E402
 
 AVAILABLE, REASON = conv_triton.is_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"triton unavailable: {REASON}")
@@ -107,56 +108,24 @@ def test_bad_inputs(monkeypatch):
             conv_triton.forward(x, w, b)
 
 
-_OFFLINE_COMPILE = """
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-from emamba.ops import conv_triton
-
-dtype = sys.argv[1]
-meta = {"K": 4, "HAS_BIAS": True, "ACC": tl.float32, "BLOCK_D": 4, "BLOCK_L": 256}
-fwd_sig = {name: "*" + dtype for name in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")}
-bwd_sig = {name: "*" + dtype for name in ("dout_ptr", "x_ptr", "w_ptr", "bias_ptr", "dx_ptr")}
-bwd_sig.update(dw_part_ptr="*fp32", dbias_part_ptr="*fp32")
-for kernel, sig, ints in ((conv_triton._conv_fwd_kernel, fwd_sig, ("d", "L")),
-                          (conv_triton._conv_bwd_kernel, bwd_sig, ("d", "L", "n_ltiles"))):
-    sig = {**sig, **{name: "i32" for name in ints}, **{name: "constexpr" for name in meta}}
-    try:
-        compiled = triton.compile(ASTSource(JITFunction(kernel), sig, meta), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4})
-    except RuntimeError as exc:
-        if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
-            print("NO_PTXAS", exc)
-            sys.exit(0)
-        raise
-    assert compiled.asm["cubin"], kernel.__name__
-print("COMPILED")
-"""
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_compiles_for_sm90_offline(dtype):
-    """The compiled mode (not the interpreter) accepts both kernels: PTX and cubin for an H100, no GPU needed.
-
-    In a subprocess: once triton.language is imported with TRITON_INTERPRET=1 (as in this test process), its
-    helpers are interpreter functions that the compiler rejects.
-    """
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _OFFLINE_COMPILE, dtype], capture_output=True, text=True, env=env,
-                          timeout=300)
+    """The compiled mode (not the interpreter) accepts both kernels (see triton_offline)."""
+    meta = {"K": 4, "HAS_BIAS": True, "ACC": "tl.float32", "BLOCK_D": 4, "BLOCK_L": 256}
+    ptr = "*" + dtype
+    specs = [
+        dict(kernel="_conv_fwd_kernel", signature={"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
+                                                   "d": "i32", "L": "i32"}),
+        dict(kernel="_conv_bwd_kernel", signature={"dout_ptr": ptr, "x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr,
+                                                   "dx_ptr": ptr, "dw_part_ptr": "*fp32", "dbias_part_ptr": "*fp32",
+                                                   "d": "i32", "L": "i32", "n_ltiles": "i32"}),
+    ]
+    proc = compile_for_sm90([dict(spec, module="emamba.ops.conv_triton", constexprs=meta, num_warps=4)
+                             for spec in specs])
     assert proc.returncode == 0, proc.stderr[-3000:]
     if "NO_PTXAS" in proc.stdout:
         pytest.skip(proc.stdout.strip())
-    assert "COMPILED" in proc.stdout
+    assert proc.stdout.count("COMPILED") == 2
 
 
 @cuda_only

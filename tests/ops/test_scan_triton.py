@@ -190,3 +190,32 @@ def test_automatic_tiles_follow_the_gpu_sweep(shape):
                                           scan_triton._BWD_PROGRAMS_PER_SM)
     bwd_warps = scan_triton._num_warps(None, bwd_block * 64, scan_triton._BWD_ELEMS_PER_THREAD)  # CHUNK_SIZE 64
     assert ((fwd_block, fwd_warps), (bwd_block, bwd_warps)) == SWEPT_BEST[shape]
+
+
+def test_default_kernels_compile_for_sm90_offline():
+    """Triton's compiler (not the interpreter) accepts both kernels as fp32 runs them on a GPU: default
+    EMamba-S tiles (n = 64) and the inline-PTX exp2 that the interpreter cannot run."""
+    from triton_offline import compile_for_sm90
+
+    chunk, n = DEFAULTS["CHUNK_SIZE"], 64
+    block_n = scan_triton._next_pow2(n)
+    fwd_block_d, bwd_block_d = scan_triton._FWD_TILE // block_n, scan_triton._BWD_MAX_BLOCK_D
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_EXP=True)
+    ints = {name: "i32" for name in ("d", "L", "n", "n_chunks")}
+    fwd_ptrs = ("u", "delta", "A2", "B", "C", "D", "z", "bias", "out", "ckpt", "scratch")
+    bwd_ptrs = ("dout", "u", "delta", "A", "A2", "B", "C", "D", "z", "bias", "ckpt", "du", "ddelta", "dA", "dB",
+                "dC", "dD", "dz", "dbias", "carry")
+    specs = [
+        dict(kernel="_scan_fwd_kernel", signature={**{p + "_ptr": "*fp32" for p in fwd_ptrs}, **ints},
+             constexprs=dict(flags, BLOCK_D=fwd_block_d, BLOCK_N=block_n, CHUNK=chunk,
+                             STEPS=min(DEFAULTS["FWD_STEPS"], chunk), BC_ROWS=max(1, min(block_n, 1024 // chunk))),
+             num_warps=scan_triton._num_warps(None, fwd_block_d * block_n, scan_triton._FWD_ELEMS_PER_THREAD)),
+        dict(kernel="_scan_bwd_kernel", signature={**{p + "_ptr": "*fp32" for p in bwd_ptrs}, **ints},
+             constexprs=dict(flags, BLOCK_D=bwd_block_d, CHUNK=chunk),
+             num_warps=scan_triton._num_warps(None, bwd_block_d * chunk, scan_triton._BWD_ELEMS_PER_THREAD)),
+    ]
+    proc = compile_for_sm90([dict(spec, module="emamba.ops.scan_triton") for spec in specs])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "NO_PTXAS" in proc.stdout:
+        pytest.skip(proc.stdout.strip())
+    assert proc.stdout.count("COMPILED") == 2
