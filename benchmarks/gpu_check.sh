@@ -5,8 +5,9 @@
 #   1. prints the GPU,
 #   2. runs the Triton correctness tests on CUDA (tests/ops/test_scan_triton.py, tests/ops/test_conv_triton.py),
 #   3. checks the default tile configuration at realistic shapes against the pure-PyTorch chunked scan,
-#   4. times forward and forward+backward of the triton scan (and of mamba_ssm's selective_scan_fn when it
-#      is importable) at EMamba-S-like shapes: median of 7 runs with CUDA events; reports the achieved
+#   4. times forward and forward+backward of the triton scan, unsegmented (the default) and with automatic
+#      time segments (FWD_SEGMENTS=None: "triton-seg"), and of mamba_ssm's selective_scan_fn when it
+#      is importable, at EMamba-S-like shapes: median of 7 runs with CUDA events; reports the achieved
 #      GB/s against the minimum bytes the scan must move and the exp2 rate against the SFU limit,
 #   5. checks the conv kernels with their default tiles and times them against F.conv1d + F.silu (cuDNN).
 #
@@ -42,7 +43,7 @@ echo "pytest exit status: $status"
 echo
 echo "== default tiles at realistic shapes vs the pure-PyTorch scan, then throughput"
 bench_status=0
-timeout 120 "$PY" - <<'EOF' || bench_status=$?
+timeout 130 "$PY" - <<'EOF' || bench_status=$?
 import os, statistics
 import torch
 from emamba.ops import scan_triton
@@ -67,20 +68,33 @@ def inputs(batch, d, L, n, seed=0, grad=False):
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 # -- sanity with the default configuration (the pytest run uses shrunken tiles) --------------------------
-for (batch, d, L, n) in [(2, 40, 200, 64), (2, 96, 784, 16), (3, 48, 49, 64)]:
+def with_segments(fn, value):
+    """Run fn with scan_triton.FWD_SEGMENTS = value (1: the default unsegmented forward; None: automatic)."""
+    def run():
+        old = scan_triton.FWD_SEGMENTS
+        scan_triton.FWD_SEGMENTS = value
+        try:
+            return fn()
+        finally:
+            scan_triton.FWD_SEGMENTS = old
+    return run
+
+# (2, 40, 3136, 64) has 6 programs and 49 chunks: the automatic choice takes 12 segments of 4-5 chunks
+for (batch, d, L, n) in [(2, 40, 200, 64), (2, 96, 784, 16), (3, 48, 49, 64), (2, 40, 3136, 64)]:
     t = inputs(batch, d, L, n, seed=1, grad=True)
     ref = selective_scan_torch(**{k: v.double() for k, v in t.items()}, delta_softplus=True)
     dout = torch.randn_like(ref)
     gref = torch.autograd.grad(ref, [t[k] for k in NAMES], dout)
     args = [t[k].detach() for k in NAMES]
-    out, ck = scan_triton.forward(*args, True)
-    grads = scan_triton.backward(dout.float(), *args, ck, True)
-    errs = {"out": ((out - ref).abs().max() / ref.abs().max()).item()}
-    for k, g, gr in zip(NAMES, grads, gref):
-        errs["d" + k] = ((g.double() - gr).abs().max() / gr.abs().max()).item()
-    worst = max(errs.values())
-    print(f"sanity b={batch} d={d} L={L} n={n}: worst rel err {worst:.2e} "
-          f"({max(errs, key=errs.get)}) -> {'OK' if worst < 1e-3 else 'MISMATCH'}")
+    for segments in (1, None):
+        out, ck = with_segments(lambda: scan_triton.forward(*args, True), segments)()
+        grads = scan_triton.backward(dout.float(), *args, ck, True)
+        errs = {"out": ((out - ref).abs().max() / ref.abs().max()).item()}
+        for k, g, gr in zip(NAMES, grads, gref):
+            errs["d" + k] = ((g.double() - gr).abs().max() / gr.abs().max()).item()
+        worst = max(errs.values())
+        print(f"sanity b={batch} d={d} L={L} n={n} FWD_SEGMENTS={segments}: worst rel err {worst:.2e} "
+              f"({max(errs, key=errs.get)}) -> {'OK' if worst < 1e-3 else 'MISMATCH'}")
 
 # -- throughput ------------------------------------------------------------------------------------------
 try:
@@ -103,7 +117,7 @@ def median_ms(fn, runs=7, warmup=2):
 # EMamba-S-like stages: (batch, d_inner, L = H*W, n)
 SHAPES = [(8, 256, 3136, 64), (8, 512, 784, 64), (8, 1024, 196, 64), (8, 1792, 49, 64),
           (64, 256, 3136, 64), (64, 1792, 49, 64)]
-print(f"{'shape (b, d, L, n)':>24} {'impl':>9} {'fwd ms':>8} {'fwd GB/s':>9} {'fwd+bwd ms':>11} "
+print(f"{'shape (b, d, L, n)':>24} {'impl':>10} {'fwd ms':>8} {'fwd GB/s':>9} {'fwd+bwd ms':>11} "
       f"{'bwd GB/s':>9} {'fwd Gexp/s':>10}")
 for (batch, d, L, n) in SHAPES:
     t = inputs(batch, d, L, n)
@@ -123,6 +137,7 @@ for (batch, d, L, n) in SHAPES:
         return scan_triton.backward(dout, *args, ck, True)
 
     impls["triton"] = (tri_fwd, tri_both)
+    impls["triton-seg"] = (with_segments(tri_fwd, None), with_segments(tri_both, None))  # automatic segments
     if selective_scan_fn is not None:
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
 
@@ -140,10 +155,10 @@ for (batch, d, L, n) in SHAPES:
             tf = median_ms(f)
             tb = median_ms(fb)
         except Exception as exc:
-            print(f"{str((batch, d, L, n)):>24} {name:>9} failed: {type(exc).__name__}: {exc}")
+            print(f"{str((batch, d, L, n)):>24} {name:>10} failed: {type(exc).__name__}: {exc}")
             continue
         bwd_only = max(tb - tf, 1e-6)
-        print(f"{str((batch, d, L, n)):>24} {name:>9} {tf:8.3f} {fwd_bytes / tf / 1e6:9.1f} {tb:11.3f} "
+        print(f"{str((batch, d, L, n)):>24} {name:>10} {tf:8.3f} {fwd_bytes / tf / 1e6:9.1f} {tb:11.3f} "
               f"{bwd_bytes / bwd_only / 1e6:9.1f} {elems / tf / 1e6:10.1f}")
     del t, args, dout
     torch.cuda.empty_cache()
@@ -153,13 +168,13 @@ print(f"\nlimits on this GPU: exp2 (SFU) {exp_limit / 1e9:.0f} Gexp/s at {clock_
 print("GB/s = minimum bytes (fp32: fwd reads u, delta, z, B, C and writes y; bwd also reads dout and writes "
       "du, ddelta, dz, dB, dC) / time; bwd time = (fwd+bwd) - fwd. At n = 64 every (b, d, t, n) element "
       "needs one exp, so 'fwd Gexp/s' against the SFU limit is the more telling efficiency.")
-print(f"tiles: CHUNK_SIZE={scan_triton.CHUNK_SIZE}, FWD_STEPS={scan_triton.FWD_STEPS}, "
+print(f"tiles: CHUNK_SIZE={scan_triton.CHUNK_SIZE}, FWD_STEPS={scan_triton.FWD_STEPS}, FWD_SEGMENTS={scan_triton.FWD_SEGMENTS} (triton-seg: None), "
       f"BLOCK_D auto (cap fwd {scan_triton._FWD_TILE}//next_pow2(n), bwd {scan_triton._BWD_MAX_BLOCK_D})")
 EOF
 echo
 echo "== causal conv1d + SiLU: default tiles vs the formula, then triton vs F.conv1d + F.silu"
 conv_status=0
-timeout 50 "$PY" - <<'EOF' || conv_status=$?
+timeout 45 "$PY" - <<'EOF' || conv_status=$?
 import statistics
 import torch
 from emamba.ops import conv_triton

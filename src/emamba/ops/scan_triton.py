@@ -36,6 +36,19 @@ recurrence loop (one ``MUFU.EX2``, ~5 FMA-pipe ops, the in-warp reduction for y,
 ``ex2.approx.ftz`` (inline PTX). (A chunked ``tl.associative_scan`` formulation of the forward measured
 ~30 instructions per element: Triton spreads the time axis over 16 lanes, so the scan is shuffle-bound.)
 
+Segmented forward (``FWD_SEGMENTS``; off by default until timed on a GPU)
+--------------------------------------------------------------------------
+With few (batch x channel block) programs, e.g. EMamba-S stage 1 at batch 8 (128 programs on 132 SMs), the
+sequential walk over time leaves most of the GPU idle. With ``FWD_SEGMENTS`` > 1 (or None: automatic, about
+``_FWD_SEGMENT_PROGRAMS_PER_SM`` programs per SM) the chunks are split into segments and the grid gets a
+third axis over them. Pass 1 (``STATE_ONLY``) runs every segment from h = 0 and stores only its end state
+and the sum of its steps delta' (no C loads, no reduction over the states); the host then forms the state
+entering each segment, ``h_in[s] = exp(A * sum delta'[s - 1]) h_in[s - 1] + h_end[s - 1]`` (a loop over the
+few segments on (batch, d, n) tensors); pass 2 (``HAS_H0``) is the kernel above, started from ``h_in``.
+Pass 1 costs about another forward's exps, so this trades ~1.6x the work for segments x the parallelism.
+Outputs, checkpoints and the backward are tested against the reference under the interpreter; whether it
+pays on a GPU is what ``benchmarks/gpu_check.sh`` measures (it times both settings).
+
 Backward kernel (chunked parallel scans)
 ----------------------------------------
 Chunks are processed right to left. Per chunk it loads ``(BLOCK_D, CHUNK)`` tiles of u / delta / z / dout
@@ -123,6 +136,10 @@ FWD_STEPS = 16  # time steps unrolled per iteration of the forward recurrence (p
 FWD_BLOCK_D: Optional[int] = None  # channels per program, forward (power of two)
 BWD_BLOCK_D: Optional[int] = None  # channels per program, backward (power of two)
 FWD_NUM_WARPS: Optional[int] = None
+# Time segments of the forward (see "Segmented forward" in the module docstring): 1 = off (the default until
+# it is timed on a GPU: benchmarks/gpu_check.sh compares both), N = up to N segments, None = automatic
+# (enough segments for _FWD_SEGMENT_PROGRAMS_PER_SM programs per SM, each at least _MIN_SEGMENT_CHUNKS long).
+FWD_SEGMENTS: Optional[int] = 1
 BWD_NUM_WARPS: Optional[int] = None
 # Automatic choice: the largest BLOCK_D (power of two, <= the cap) that still gives at least
 # _*_PROGRAMS_PER_SM programs per SM, but not below _MIN_BLOCK_D; warps so that each thread holds about
@@ -136,6 +153,8 @@ _MIN_BLOCK_D = 4
 _FWD_PROGRAMS_PER_SM = 1
 _BWD_PROGRAMS_PER_SM = 2
 _FWD_ELEMS_PER_THREAD = 4
+_FWD_SEGMENT_PROGRAMS_PER_SM = 4
+_MIN_SEGMENT_CHUNKS = 4
 _BWD_ELEMS_PER_THREAD = 16
 
 
@@ -211,14 +230,24 @@ if triton is not None:
 
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, scratch_ptr,
-    d, L, n, n_chunks,
+    seg_state_ptr, dtsum_ptr,
+    d, L, n, n_chunks, chunks_per_seg,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FAST_EXP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    STEPS: tl.constexpr, BC_ROWS: tl.constexpr,
+    STEPS: tl.constexpr, BC_ROWS: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_H0: tl.constexpr,
 ):
     # A2 = A * log2(e) (formed on the host), so that exp(delta' A) = exp2(delta' * A2).
+    # Program (channel block, batch element, time segment); the segment is chunks [c_begin, c_end).
+    # STATE_ONLY (pass 1 of the segmented forward): run the segment from h = 0 and store only its end
+    # state into seg_state_ptr and the sum of its steps delta' into dtsum_ptr (no y, no checkpoints).
+    # HAS_H0 (pass 2): start from the state entering the segment, read from seg_state_ptr. Both use its
+    # (batch, d, n_seg, n) layout.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    n_seg = tl.num_programs(2)
+    c_begin = pid_s * chunks_per_seg
+    c_end = tl.minimum(c_begin + chunks_per_seg, n_chunks)
     dtype = u_ptr.dtype.element_ty
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -235,7 +264,7 @@ def _scan_fwd_kernel(
     state_mask = mask_d[:, None] & mask_n[None, :]
     # this program's scratch for one chunk: delta', delta' * u and y as (BLOCK_D, CHUNK) and B, C transposed
     # to (CHUNK, BLOCK_N), so that every step reads contiguous rows (L1-resident; see the module docstring)
-    prog = pid_b * tl.num_programs(0) + pid_d
+    prog = (pid_s * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
     s_base = scratch_ptr + prog * (3 * BLOCK_D * CHUNK + 2 * CHUNK * BLOCK_N)
     s_dt = s_base + rloc * CHUNK
     s_dtu = s_dt + BLOCK_D * CHUNK
@@ -249,8 +278,14 @@ def _scan_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
 
-    h = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype)
-    for c in range(n_chunks):
+    seg_rows = ((pid_b * d + offs_d) * n_seg + pid_s) * n  # this segment's row of seg_state_ptr
+    if HAS_H0:
+        h = tl.load(seg_state_ptr + seg_rows[:, None] + offs_n[None, :], mask=state_mask, other=0.0)
+    else:
+        h = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype)
+    if STATE_ONLY:
+        dt_total = tl.full((BLOCK_D,), 0.0, dtype)
+    for c in range(c_begin, c_end):
         # 1. coalesced (BLOCK_D, CHUNK) tiles: delta' and delta' * u, computed once per element
         t = c * CHUNK + offs_t
         mask = mask_d[:, None] & (t < L)[None, :]
@@ -267,6 +302,8 @@ def _scan_fwd_kernel(
         dt = tl.where(mask, dt, 0.0)  # padded steps: delta' = 0, i.e. identity steps
         tl.store(s_dt[:, None] + offs_t[None, :], dt)
         tl.store(s_dtu[:, None] + offs_t[None, :], dt * uu)
+        if STATE_ONLY:
+            dt_total += tl.reduce(dt, 1, _add)
         # B / C: in slabs of BC_ROWS states, so that the prologue does not dominate the register budget
         for n0 in range(0, BLOCK_N, BC_ROWS):
             sn = n0 + offs_bn
@@ -274,43 +311,62 @@ def _scan_fwd_kernel(
             bc_ptrs = bc_base + sn[:, None] * L + t[None, :]
             bc_tile = sn[:, None] + offs_t[None, :] * BLOCK_N  # transposed positions in s_b / s_c
             tl.store(s_b + bc_tile, tl.load(B_ptr + bc_ptrs, mask=bc_mask, other=0.0))
-            tl.store(s_c + bc_tile, tl.load(C_ptr + bc_ptrs, mask=bc_mask, other=0.0))
+            if not STATE_ONLY:
+                tl.store(s_c + bc_tile, tl.load(C_ptr + bc_ptrs, mask=bc_mask, other=0.0))
         tl.debug_barrier()
 
         # 2. the recurrence, one time step after the other (unrolled by STEPS)
-        for j0 in range(0, CHUNK, STEPS):
-            # y of these STEPS steps is collected in registers and stored once (one layout conversion
-            # per STEPS steps instead of one per step)
-            y_blk = tl.full((BLOCK_D, STEPS), 0.0, dtype)
-            for jj in tl.static_range(STEPS):
-                j = j0 + jj
-                dt_j = tl.load(s_dt + j)
-                dtu_j = tl.load(s_dtu + j)
-                b_j = tl.load(s_b + j * BLOCK_N + offs_n)
-                c_j = tl.load(s_c + j * BLOCK_N + offs_n)
-                arg = dt_j[:, None] * a2
-                if FAST_EXP:
-                    decay = tl.inline_asm_elementwise(
-                        "ex2.approx.ftz.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
-                    )
-                else:
-                    decay = tl.exp2(arg)
-                h = decay * h + dtu_j[:, None] * b_j[None, :]
-                y_j = tl.reduce(h * c_j[None, :], 1, _add)
-                y_blk = tl.where(offs_s[None, :] == jj, y_j[:, None], y_blk)
-            tl.store(s_y[:, None] + j0 + offs_s[None, :], y_blk)
-        tl.debug_barrier()
+        if STATE_ONLY:  # no y: neither C nor the reduction over the states
+            for j0 in range(0, CHUNK, STEPS):
+                for jj in tl.static_range(STEPS):
+                    j = j0 + jj
+                    arg = tl.load(s_dt + j)[:, None] * a2
+                    if FAST_EXP:
+                        decay = tl.inline_asm_elementwise(
+                            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
+                        )
+                    else:
+                        decay = tl.exp2(arg)
+                    h = decay * h + tl.load(s_dtu + j)[:, None] * tl.load(s_b + j * BLOCK_N + offs_n)[None, :]
+            tl.debug_barrier()  # the next chunk's prologue overwrites the scratch this loop reads
+        else:
+            for j0 in range(0, CHUNK, STEPS):
+                # y of these STEPS steps is collected in registers and stored once (one layout conversion
+                # per STEPS steps instead of one per step)
+                y_blk = tl.full((BLOCK_D, STEPS), 0.0, dtype)
+                for jj in tl.static_range(STEPS):
+                    j = j0 + jj
+                    dt_j = tl.load(s_dt + j)
+                    dtu_j = tl.load(s_dtu + j)
+                    b_j = tl.load(s_b + j * BLOCK_N + offs_n)
+                    c_j = tl.load(s_c + j * BLOCK_N + offs_n)
+                    arg = dt_j[:, None] * a2
+                    if FAST_EXP:
+                        decay = tl.inline_asm_elementwise(
+                            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
+                        )
+                    else:
+                        decay = tl.exp2(arg)
+                    h = decay * h + dtu_j[:, None] * b_j[None, :]
+                    y_j = tl.reduce(h * c_j[None, :], 1, _add)
+                    y_blk = tl.where(offs_s[None, :] == jj, y_j[:, None], y_blk)
+                tl.store(s_y[:, None] + j0 + offs_s[None, :], y_blk)
+            tl.debug_barrier()
 
-        # 3. coalesced epilogue: skip connection, gate, store; chunk-end state to the checkpoints
-        y = tl.load(s_y[:, None] + offs_t[None, :])
-        if HAS_D:
-            # u is reloaded (an L1/L2 hit) rather than kept live in registers across the recurrence
-            y += tl.load(u_ptr + ptrs, mask=mask, other=0.0) * d_skip[:, None]
-        if HAS_Z:
-            zz = tl.load(z_ptr + ptrs, mask=mask, other=0.0)
-            y = y * (zz / (1.0 + tl.exp(-zz)))
-        tl.store(out_ptr + ptrs, y.to(dtype), mask=mask)
-        tl.store(ckpt_ptr + ckpt_rows[:, None] + c * n + offs_n[None, :], h.to(dtype), mask=state_mask)
+        if not STATE_ONLY:
+            # 3. coalesced epilogue: skip connection, gate, store; chunk-end state to the checkpoints
+            y = tl.load(s_y[:, None] + offs_t[None, :])
+            if HAS_D:
+                # u is reloaded (an L1/L2 hit) rather than kept live in registers across the recurrence
+                y += tl.load(u_ptr + ptrs, mask=mask, other=0.0) * d_skip[:, None]
+            if HAS_Z:
+                zz = tl.load(z_ptr + ptrs, mask=mask, other=0.0)
+                y = y * (zz / (1.0 + tl.exp(-zz)))
+            tl.store(out_ptr + ptrs, y.to(dtype), mask=mask)
+            tl.store(ckpt_ptr + ckpt_rows[:, None] + c * n + offs_n[None, :], h.to(dtype), mask=state_mask)
+    if STATE_ONLY:
+        tl.store(seg_state_ptr + seg_rows[:, None] + offs_n[None, :], h, mask=state_mask)
+        tl.store(dtsum_ptr + (pid_b * d + offs_d) * n_seg + pid_s, dt_total, mask=mask_d)
 
 
 def _scan_bwd_kernel(
@@ -511,6 +567,16 @@ def _pick_block_d(override: Optional[int], cap: int, batch: int, d: int, device:
     return block
 
 
+def _pick_segments(override: Optional[int], n_chunks: int, programs: int, device: torch.device) -> int:
+    """Time segments of the forward for ``programs`` (batch x channel blocks) programs per segment."""
+    if override is not None:
+        if int(override) < 1:
+            raise ValueError(f"FWD_SEGMENTS must be >= 1 or None, got {override}")
+        return max(1, min(int(override), n_chunks))
+    wanted = -(-_FWD_SEGMENT_PROGRAMS_PER_SM * _sm_count(device) // programs)
+    return max(1, min(wanted, n_chunks // _MIN_SEGMENT_CHUNKS))
+
+
 def _num_warps(override: Optional[int], tile_elems: int, elems_per_thread: int) -> int:
     if override is not None:
         return int(override)
@@ -576,18 +642,37 @@ def forward(
     block_n = _next_pow2(n)
     block_d = _pick_block_d(FWD_BLOCK_D, max(1, _FWD_TILE // block_n), batch, d, u.device, _FWD_PROGRAMS_PER_SM)
     steps = min(FWD_STEPS, CHUNK_SIZE)
-    grid = (-(-d // block_d), batch)
-    scratch = u.new_empty(grid[0] * grid[1] * CHUNK_SIZE * (3 * block_d + 2 * block_n))
+    n_chunks = ckpt.shape[2]
+    n_seg = _pick_segments(FWD_SEGMENTS, n_chunks, batch * -(-d // block_d), u.device)
+    chunks_per_seg = -(-n_chunks // n_seg)
+    n_seg = -(-n_chunks // chunks_per_seg)
+    grid = (-(-d // block_d), batch, n_seg)
+    scratch = u.new_empty(grid[0] * grid[1] * grid[2] * CHUNK_SIZE * (3 * block_d + 2 * block_n))
     fwd, _ = _kernels(_interpreting())
-    fwd[grid](
-        u, delta, A * _LOG2E, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, ckpt, scratch,
-        d, length, n, ckpt.shape[2],
+    common = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), FAST_EXP=_fast_exp(u),
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK_SIZE, STEPS=steps,
         BC_ROWS=max(1, min(block_n, 1024 // CHUNK_SIZE)),
         num_warps=_num_warps(FWD_NUM_WARPS, block_d * block_n, _FWD_ELEMS_PER_THREAD),
     )
+    A2 = A * _LOG2E
+    args = (u, delta, A2, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, ckpt, scratch)
+    h0 = None
+    if n_seg > 1:
+        # pass 1: every segment from h = 0, its end state and the sum of its steps; then the states entering
+        # the segments, sequentially over the (few) segments: h_in[s] = exp(A sum dt'[s-1]) h_in[s-1] + h_end[s-1]
+        h_end = u.new_empty(batch, d, n_seg, n)
+        dtsum = u.new_empty(batch, d, n_seg)
+        fwd[grid](*args, h_end, dtsum, d, length, n, n_chunks, chunks_per_seg, STATE_ONLY=True, HAS_H0=False,
+                  **common)
+        seg_decay = torch.exp2(A2[None, :, None, :] * dtsum[..., None])
+        h0 = torch.zeros_like(h_end)
+        for seg in range(1, n_seg):
+            h0[:, :, seg] = seg_decay[:, :, seg - 1] * h0[:, :, seg - 1] + h_end[:, :, seg - 1]
+    # pass 2 (the only pass without segments): y, and the chunk-end states as checkpoints
+    fwd[grid](*args, _or(h0, u), u, d, length, n, n_chunks, chunks_per_seg, STATE_ONLY=False,
+              HAS_H0=h0 is not None, **common)
     return out, ckpt
 
 
