@@ -51,11 +51,11 @@ def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, d, L,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_l, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_l, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < d
-    rows = pid_b * d * L + offs_d[:, None] * L
+    rows = pid_b * d * L + offs_d[:, None] * L  # int64: batch x d x L may exceed 2^31
     pre = tl.full((BLOCK_D, BLOCK_L), 0.0, ACC)
     if HAS_BIAS:
         pre += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)[:, None]
@@ -74,11 +74,11 @@ def _conv_bwd_kernel(
     dout_ptr, x_ptr, w_ptr, bias_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, d, L, n_ltiles,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_l, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_l, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < d
-    rows = pid_b * d * L + offs_d[:, None] * L
+    rows = pid_b * d * L + offs_d[:, None] * L  # int64: batch x d x L may exceed 2^31
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     dx = tl.full((BLOCK_D, BLOCK_L), 0.0, ACC)
