@@ -315,43 +315,34 @@ def _scan_fwd_kernel(
                 tl.store(s_c + bc_tile, tl.load(C_ptr + bc_ptrs, mask=bc_mask, other=0.0))
         tl.debug_barrier()
 
-        # 2. the recurrence, one time step after the other (unrolled by STEPS)
-        if STATE_ONLY:  # no y: neither C nor the reduction over the states
-            for j0 in range(0, CHUNK, STEPS):
-                for jj in tl.static_range(STEPS):
-                    j = j0 + jj
-                    arg = tl.load(s_dt + j)[:, None] * a2
-                    if FAST_EXP:
-                        decay = tl.inline_asm_elementwise(
-                            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
-                        )
-                    else:
-                        decay = tl.exp2(arg)
-                    h = decay * h + tl.load(s_dtu + j)[:, None] * tl.load(s_b + j * BLOCK_N + offs_n)[None, :]
-            tl.debug_barrier()  # the next chunk's prologue overwrites the scratch this loop reads
-        else:
-            for j0 in range(0, CHUNK, STEPS):
-                # y of these STEPS steps is collected in registers and stored once (one layout conversion
-                # per STEPS steps instead of one per step)
+        # 2. the recurrence, one time step after the other (unrolled by STEPS); STATE_ONLY needs no y, so
+        # neither C nor the reduction over the states
+        for j0 in range(0, CHUNK, STEPS):
+            # y of these STEPS steps is collected in registers and stored once (one layout conversion
+            # per STEPS steps instead of one per step)
+            if not STATE_ONLY:
                 y_blk = tl.full((BLOCK_D, STEPS), 0.0, dtype)
-                for jj in tl.static_range(STEPS):
-                    j = j0 + jj
-                    dt_j = tl.load(s_dt + j)
-                    dtu_j = tl.load(s_dtu + j)
-                    b_j = tl.load(s_b + j * BLOCK_N + offs_n)
+            for jj in tl.static_range(STEPS):
+                j = j0 + jj
+                dt_j = tl.load(s_dt + j)
+                dtu_j = tl.load(s_dtu + j)
+                b_j = tl.load(s_b + j * BLOCK_N + offs_n)
+                if not STATE_ONLY:
                     c_j = tl.load(s_c + j * BLOCK_N + offs_n)
-                    arg = dt_j[:, None] * a2
-                    if FAST_EXP:
-                        decay = tl.inline_asm_elementwise(
-                            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
-                        )
-                    else:
-                        decay = tl.exp2(arg)
-                    h = decay * h + dtu_j[:, None] * b_j[None, :]
+                arg = dt_j[:, None] * a2
+                if FAST_EXP:
+                    decay = tl.inline_asm_elementwise(
+                        "ex2.approx.ftz.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
+                    )
+                else:
+                    decay = tl.exp2(arg)
+                h = decay * h + dtu_j[:, None] * b_j[None, :]
+                if not STATE_ONLY:
                     y_j = tl.reduce(h * c_j[None, :], 1, _add)
                     y_blk = tl.where(offs_s[None, :] == jj, y_j[:, None], y_blk)
+            if not STATE_ONLY:
                 tl.store(s_y[:, None] + j0 + offs_s[None, :], y_blk)
-            tl.debug_barrier()
+        tl.debug_barrier()  # (also: the next chunk's prologue overwrites the scratch this loop reads)
 
         if not STATE_ONLY:
             # 3. coalesced epilogue: skip connection, gate, store; chunk-end state to the checkpoints
