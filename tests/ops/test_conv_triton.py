@@ -143,3 +143,12 @@ def test_dispatch_on_cuda_with_autograd(autocast):
     _assert_close("out", out, ref_out, tol)
     for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
         _assert_close(name, got, want, tol)
+
+
+@cuda_only
+def test_custom_op_passes_opcheck_on_cuda():
+    """The CUDA registration of the conv custom op: schema, fake kernel, autograd and dispatch checks."""
+    x, w, b, _ = _inputs(2, 6, 40, 4, torch.float32)
+    args = (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True))
+    torch.library.opcheck(causal_conv1d._conv_fwd, args)
+    torch.library.opcheck(causal_conv1d._conv_fwd, (x.detach(), w.detach(), None))
