@@ -44,10 +44,12 @@ echo
 echo "== default tiles at realistic shapes vs the pure-PyTorch scan, then throughput"
 bench_status=0
 timeout 130 "$PY" - <<'EOF' || bench_status=$?
-import os, statistics
+import os, sys
+sys.path.insert(0, "benchmarks")  # cuda_timing
 import torch
 from emamba.ops import scan_triton
 from emamba.ops.scan_reference import selective_scan_torch
+import cuda_timing
 
 dev = "cuda"
 props = torch.cuda.get_device_properties(0)
@@ -103,16 +105,8 @@ except Exception as exc:  # not installed / broken build
     selective_scan_fn = None
     print(f"mamba_ssm not importable ({type(exc).__name__}); timing the triton scan only")
 
-def median_ms(fn, runs=7, warmup=2):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+def median_ms(fn):
+    return cuda_timing.median_ms(fn, runs=7, warmup=2)
 
 # EMamba-S-like stages: (batch, d_inner, L = H*W, n)
 SHAPES = [(8, 256, 3136, 64), (8, 512, 784, 64), (8, 1024, 196, 64), (8, 1792, 49, 64),
@@ -175,23 +169,17 @@ echo
 echo "== causal conv1d + SiLU: default tiles vs the formula, then triton vs F.conv1d + F.silu"
 conv_status=0
 timeout 45 "$PY" - <<'EOF' || conv_status=$?
-import statistics
+import sys
+sys.path.insert(0, "benchmarks")  # cuda_timing
 import torch
 from emamba.ops import conv_triton
 from emamba.ops.causal_conv1d import causal_conv1d_silu_reference
+import cuda_timing
 
 dev = "cuda"
 
-def median_ms(fn, runs=9, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+def median_ms(fn):
+    return cuda_timing.median_ms(fn, runs=9, warmup=3)
 
 print(f"tiles: BLOCK_D={conv_triton.BLOCK_D}, BLOCK_L={conv_triton.BLOCK_L}, num_warps={conv_triton.NUM_WARPS}")
 print(f"{'shape (b, d, L)':>18} {'dtype':>9} {'max rel err':>11} {'tri fwd ms':>10} {'torch fwd ms':>12} {'fwd x':>6} "

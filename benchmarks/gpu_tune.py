@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import time
 
 import torch
 
+from cuda_timing import median_ms  # benchmarks/ is on sys.path when this script runs
 from emamba.ops import scan_triton
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -35,20 +35,6 @@ def inputs(batch, d, L, n, seed=0):
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g, device="cuda") * scale  # noqa: E731
     return dict(u=r(batch, d, L), delta=r(batch, d, L, scale=0.5) - 1.0, A=-torch.exp(r(d, n, scale=0.5)),
                 B=r(batch, n, L), C=r(batch, n, L), D=r(d), z=r(batch, d, L), delta_bias=r(d, scale=0.3))
-
-
-def median_ms(fn, runs=7):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def rel(a, b):
