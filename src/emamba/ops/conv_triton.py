@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .scan_triton import _add, _interpreting, is_available, tl, triton
+from .scan_triton import _add, _interpreting, is_available, jit_kernels, tl
 
 __all__ = ["is_available", "forward", "backward"]
 
@@ -113,18 +113,9 @@ def _conv_bwd_kernel(
     tl.store(dx_ptr + rows + offs_l[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m_out)
 
 
-_KERNEL_CACHE: dict = {}
-
-
 def _kernels(interpret: bool):
-    """(forward, backward) kernels wrapped for the given mode (compiled JIT or interpreter)."""
-    if interpret not in _KERNEL_CACHE:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction as wrap
-        else:
-            from triton.runtime.jit import JITFunction as wrap
-        _KERNEL_CACHE[interpret] = (wrap(_conv_fwd_kernel), wrap(_conv_bwd_kernel))
-    return _KERNEL_CACHE[interpret]
+    """(forward, backward) conv kernels for the given mode (compiled JIT or interpreter)."""
+    return jit_kernels((_conv_fwd_kernel, _conv_bwd_kernel), interpret)
 
 
 def _launch_params(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple:

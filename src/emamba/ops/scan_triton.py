@@ -516,15 +516,25 @@ def _scan_bwd_kernel(
 _KERNEL_CACHE: dict = {}
 
 
-def _kernels(interpret: bool):
-    """(forward, backward) kernels wrapped for the given mode (compiled JIT or interpreter)."""
-    if interpret not in _KERNEL_CACHE:
+def jit_kernels(fns: tuple, interpret: bool) -> tuple:
+    """The plain kernel functions ``fns`` wrapped for the given mode (compiled JIT or interpreter), cached.
+
+    Wrapping at the first launch in a mode, not at import, is what lets ``TRITON_INTERPRET`` set after
+    import take effect (see the module docstring); :mod:`emamba.ops.conv_triton` uses it too.
+    """
+    key = (fns, interpret)
+    if key not in _KERNEL_CACHE:
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction as wrap
         else:
             from triton.runtime.jit import JITFunction as wrap
-        _KERNEL_CACHE[interpret] = (wrap(_scan_fwd_kernel), wrap(_scan_bwd_kernel))
-    return _KERNEL_CACHE[interpret]
+        _KERNEL_CACHE[key] = tuple(wrap(fn) for fn in fns)
+    return _KERNEL_CACHE[key]
+
+
+def _kernels(interpret: bool):
+    """(forward, backward) scan kernels for the given mode."""
+    return jit_kernels((_scan_fwd_kernel, _scan_bwd_kernel), interpret)
 
 
 # --------------------------------------------------------------------------------------------------
