@@ -217,12 +217,14 @@ def test_automatic_tiles_follow_the_gpu_sweep(shape):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the other tests compile the kernels for this GPU")
-def test_default_kernels_compile_for_sm90_offline():
+def test_default_kernels_compile_for_sm90_offline(monkeypatch):
     """Triton's compiler (not the interpreter) accepts both kernels as fp32 runs them on a GPU: default
     EMamba-S tiles (n = 64) and the inline-PTX exp2 that the interpreter cannot run."""
     from triton_offline import compile_for_sm90
 
-    chunk, n = DEFAULTS["CHUNK_SIZE"], 64
+    for name, value in DEFAULTS.items():  # undo the small_tiles fixture
+        monkeypatch.setattr(scan_triton, name, value)
+    chunk, n = scan_triton.CHUNK_SIZE, 64
     block_n = scan_triton._next_pow2(n)
     fwd_block_d, bwd_block_d = scan_triton._FWD_TILE // block_n, scan_triton._BWD_MAX_BLOCK_D
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_EXP=True)
@@ -233,8 +235,7 @@ def test_default_kernels_compile_for_sm90_offline():
     fwd = dict(kernel="_scan_fwd_kernel",
                signature={**{p + "_ptr": "*fp32" for p in fwd_ptrs}, **ints, "chunks_per_seg": "i32"},
                num_warps=scan_triton._num_warps(None, fwd_block_d * block_n, scan_triton._FWD_ELEMS_PER_THREAD))
-    fwd_meta = dict(flags, BLOCK_D=fwd_block_d, BLOCK_N=block_n, CHUNK=chunk,
-                    STEPS=min(DEFAULTS["FWD_STEPS"], chunk), BC_ROWS=max(1, min(block_n, 1024 // chunk)))
+    fwd_meta = dict(flags, **scan_triton._fwd_tiles(fwd_block_d, block_n))
     specs = [  # the forward unsegmented, then the two passes of the segmented forward
         dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=False, HAS_H0=False)),
         dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=True, HAS_H0=False)),

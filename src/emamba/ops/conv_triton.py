@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .scan_triton import _add, _interpreting, is_available, jit_kernels, tl
+from .scan_triton import _add, _interpreting, _or, is_available, jit_kernels, tl
 
 __all__ = ["is_available", "forward", "backward"]
 
@@ -145,8 +145,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     out = torch.empty_like(x)
     if x.numel():
         fwd, _ = _kernels(_interpreting())
-        fwd[grid](x, weight, bias if bias is not None else x, out, x.shape[1], x.shape[2], num_warps=NUM_WARPS,
-                  **meta)
+        fwd[grid](x, weight, _or(bias, x), out, x.shape[1], x.shape[2], num_warps=NUM_WARPS, **meta)
     return out
 
 
@@ -164,8 +163,8 @@ def backward(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
     dbias_part = torch.zeros(batch * grid[0], d, dtype=acc_dtype, device=x.device) if bias is not None else None
     if x.numel():
         _, bwd = _kernels(_interpreting())
-        bwd[grid](dout, x, weight, bias if bias is not None else x, dx, dw_part,
-                  dbias_part if dbias_part is not None else dw_part, d, length, grid[0], num_warps=NUM_WARPS, **meta)
+        bwd[grid](dout, x, weight, _or(bias, x), dx, dw_part, _or(dbias_part, dw_part), d, length, grid[0],
+                  num_warps=NUM_WARPS, **meta)
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = dbias_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias

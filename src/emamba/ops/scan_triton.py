@@ -578,6 +578,12 @@ def _pick_segments(override: Optional[int], n_chunks: int, programs: int, device
     return max(1, min(wanted, n_chunks // _MIN_SEGMENT_CHUNKS))
 
 
+def _fwd_tiles(block_d: int, block_n: int) -> dict:
+    """The forward kernel's tile constexprs under the current tunables (also compiled offline by the tests)."""
+    return dict(BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK_SIZE, STEPS=min(FWD_STEPS, CHUNK_SIZE),
+                BC_ROWS=max(1, min(block_n, 1024 // CHUNK_SIZE)))
+
+
 def _num_warps(override: Optional[int], tile_elems: int, elems_per_thread: int) -> int:
     if override is not None:
         return int(override)
@@ -642,7 +648,6 @@ def forward(
         return out, ckpt.zero_()
     block_n = _next_pow2(n)
     block_d = _pick_block_d(FWD_BLOCK_D, max(1, _FWD_TILE // block_n), batch, d, u.device, _FWD_PROGRAMS_PER_SM)
-    steps = min(FWD_STEPS, CHUNK_SIZE)
     n_chunks = ckpt.shape[2]
     n_seg = _pick_segments(FWD_SEGMENTS, n_chunks, batch * -(-d // block_d), u.device)
     chunks_per_seg = -(-n_chunks // n_seg)
@@ -652,9 +657,7 @@ def forward(
     fwd, _ = _kernels(_interpreting())
     common = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), FAST_EXP=_fast_exp(u),
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK_SIZE, STEPS=steps,
-        BC_ROWS=max(1, min(block_n, 1024 // CHUNK_SIZE)),
+        SOFTPLUS=bool(delta_softplus), FAST_EXP=_fast_exp(u), **_fwd_tiles(block_d, block_n),
         num_warps=_num_warps(FWD_NUM_WARPS, block_d * block_n, _FWD_ELEMS_PER_THREAD),
     )
     A2 = A * _LOG2E
