@@ -325,15 +325,27 @@ inline void backward_chunk(const T* __restrict u, const T* __restrict dt, const 
     T* __restrict dCr = dBC + (2 * t + 1) * n;
     if (z) {
       const T* __restrict cc = Ct + t * n;
-      T acc = T(0);
+      if constexpr (NF >= 16) {
+        T prod[NF];  // the forward's tree sum: y = C.h recomputed bit-identically to the forward's
+#pragma omp simd
+        for (int k = 0; k < NF; ++k) {
+          const T hk = ar[k] * prev[k] + dut * b[k];
+          hr[k] = hk;
+          prod[k] = cc[k] * hk;
+          dCr[k] += gyi * hk;
+        }
+        ys[i] = tree_sum<T, NF>(prod);
+      } else {
+        T acc = T(0);
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < n; ++k) {
-        const T hk = ar[k] * prev[k] + dut * b[k];
-        hr[k] = hk;
-        acc += cc[k] * hk;
-        dCr[k] += gyi * hk;
+        for (int64_t k = 0; k < n; ++k) {
+          const T hk = ar[k] * prev[k] + dut * b[k];
+          hr[k] = hk;
+          acc += cc[k] * hk;
+          dCr[k] += gyi * hk;
+        }
+        ys[i] = acc;
       }
-      ys[i] = acc;
     } else {
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
