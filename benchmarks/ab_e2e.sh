@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A/B of whole EMamba-S steps: OLD code's `auto`, this tree's `auto` and this tree's `reference`, alternating
+# in a rotated order every round (the machine's speed drifts; ratios are taken within a round).
+#
+#   git worktree add --detach /tmp/old REV
+#   bash benchmarks/ab_e2e.sh /tmp/old/src infer 9 results/bench/e2e_infer_ab.jsonl
+#
+# Appends one `emamba benchmark --json` row per run to OUT, with "code" = old / new; prints step times.
+set -euo pipefail
+OLD_SRC=$1; BENCH=$2; ROUNDS=$3; OUT=$4
+PY=${PY:-.venv/bin/python}
+NEW_SRC=$(pwd)/src
+run() {  # code backend
+  local src=$NEW_SRC; [[ $1 == old ]] && src=$OLD_SRC
+  local line
+  line=$(PYTHONPATH=$src $PY -c "from emamba.cli import main; raise SystemExit(main())" \
+    benchmark --model emamba_s --bench "$BENCH" --batch-size 4 --img-size 128 --backend "$2" \
+    --num-warm-iter 1 --num-bench-iter 5 --json 2>/dev/null | tail -n 1)
+  echo "$line" | $PY -c "import sys, json; r = json.loads(sys.stdin.read()); r['code'] = '$1'; print(json.dumps(r))" >> "$OUT"
+  echo "$1 $2 $(echo "$line" | $PY -c "import sys, json; print(round(json.loads(sys.stdin.read())['step_ms'], 1))") ms"
+}
+for r in $(seq 1 "$ROUNDS"); do
+  case $((r % 3)) in
+    0) run old auto; run new auto; run new reference ;;
+    1) run new auto; run new reference; run old auto ;;
+    2) run new reference; run old auto; run new auto ;;
+  esac
+done

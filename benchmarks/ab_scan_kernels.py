@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""A/B of two versions of the fused CPU scan kernel's source in one process.
+
+    git show REV:src/emamba/ops/csrc/selective_scan_cpu.cpp > /tmp/old.cpp
+    python benchmarks/ab_scan_kernels.py /tmp/old.cpp src/emamba/ops/csrc/selective_scan_cpu.cpp \
+        --threads 2 --rounds 9 --mode fwd
+
+Builds both files with the flags `emamba.ops.scan_cpu` uses, runs their raw `scan_fwd` (or `scan_bwd`) on
+the same inputs at the EMamba-S stage shapes and the forecasting shape, alternating the order each round,
+and prints the medians, the median of the per-round old/new ratios (with their range) and the largest
+relative difference of the outputs (forward: out; backward: dC, which depends on the recomputed states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import time
+
+import torch
+from torch.utils.cpp_extension import load
+
+from emamba.ops.scan_cpu import _ATTEMPTS
+
+SHAPES = [(8, 3136, 128, 64), (8, 784, 256, 64), (8, 196, 640, 64), (32, 96, 256, 16)]
+
+
+def build(path: str):
+    _, cflags, ldflags = _ATTEMPTS[0]
+    digest = hashlib.sha1(open(path, "rb").read()).hexdigest()[:12]
+    return load(name=f"emamba_scan_ab_{digest}", sources=[path], extra_cflags=cflags, extra_ldflags=ldflags)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--mode", choices=["fwd", "bwd"], default="fwd")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    mods = {"old": build(args.old), "new": build(args.new)}
+    # one thread: process CPU time (robust to other jobs); more: wall clock
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    for b, L, d, n in SHAPES:
+        u, z = torch.randn(b, d, L), torch.randn(b, d, L)
+        delta = torch.randn(b, d, L) * 0.5 - 1
+        A = -torch.rand(d, n) * 4 - 0.1
+        Bt, Ct = torch.randn(b, L, n), torch.randn(b, L, n)
+        D, bias = torch.randn(d), torch.randn(d) * 0.1
+        fwd_args = (u, delta, A, Bt, Ct, D, z, bias, True)
+        fwd = {k: m.scan_fwd(*fwd_args) for k, m in mods.items()}
+        dout = torch.randn_like(u)
+        bwd_args = {k: (dout, u, m.scan_steps(delta, bias, True), A, Bt, Ct, D, z, fwd[k][1]) for k, m in mods.items()}
+        if args.mode == "fwd":
+            calls = {k: (lambda m=m: m.scan_fwd(*fwd_args)) for k, m in mods.items()}
+            outs = {k: fwd[k][0] for k in mods}
+        else:
+            calls = {k: (lambda m=m, k=k: m.scan_bwd(*bwd_args[k])) for k, m in mods.items()}
+            outs = {k: calls[k]()[4] for k in mods}
+        diff = ((outs["old"] - outs["new"]).abs().max() / outs["old"].abs().max()).item()
+        times = {k: [] for k in mods}
+        for r in range(args.rounds):
+            for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                t0 = clock()
+                calls[k]()
+                times[k].append(clock() - t0)
+        ratios = sorted(o / nw for o, nw in zip(times["old"], times["new"]))
+        print(f"{(b, L, d, n)} {args.mode}: old {statistics.median(times['old']) * 1e3:.1f} ms, "
+              f"new {statistics.median(times['new']) * 1e3:.1f} ms, old/new per round median "
+              f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}), "
+              f"max relative difference {diff:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
