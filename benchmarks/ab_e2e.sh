@@ -12,12 +12,14 @@ PY=${PY:-.venv/bin/python}
 NEW_SRC=$(pwd)/src
 run() {  # code backend
   local src=$NEW_SRC; [[ $1 == old ]] && src=$OLD_SRC
-  local line
-  line=$(PYTHONPATH=$src $PY -c "from emamba.cli import main; raise SystemExit(main())" \
+  # the benchmark's last stdout line is its JSON row: tag it with the code version, append it to OUT
+  PYTHONPATH=$src $PY -c "from emamba.cli import main; raise SystemExit(main())" \
     benchmark --model emamba_s --bench "$BENCH" --batch-size 4 --img-size 128 --backend "$2" \
-    --num-warm-iter 1 --num-bench-iter 5 --json 2>/dev/null | tail -n 1)
-  echo "$line" | $PY -c "import sys, json; r = json.loads(sys.stdin.read()); r['code'] = '$1'; print(json.dumps(r))" >> "$OUT"
-  echo "$1 $2 $(echo "$line" | $PY -c "import sys, json; print(round(json.loads(sys.stdin.read())['step_ms'], 1))") ms"
+    --num-warm-iter 1 --num-bench-iter 5 --json 2>/dev/null | tail -n 1 | $PY -c "
+import json, sys
+row = json.loads(sys.stdin.read()); row['code'] = '$1'
+open('$OUT', 'a').write(json.dumps(row) + '\n')
+print('$1 $2', round(row['step_ms'], 1), 'ms')"
 }
 for r in $(seq 1 "$ROUNDS"); do
   case $((r % 3)) in
