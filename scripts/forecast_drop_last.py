@@ -45,19 +45,8 @@ def kept_windows(windows: int, batch_size: int) -> int:
 
 def latest_rows(paths: list[Path], des: str | None) -> list[dict]:
     """The last row per (data, pred_len, seq_len, features, seed), as the results table counts them."""
-    latest: dict[tuple, dict] = {}
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"results file not found: {path}")
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not JSON ({exc})") from None
-            if des is None or row.get("des") == des:
-                latest[(row["data"], row["pred_len"], row["seq_len"], row["features"], row["seed"])] = row
+    latest = {(r["data"], r["pred_len"], r["seq_len"], r["features"], r["seed"]): r
+              for r in forecast.load_results(paths, des)}
     return [latest[key] for key in sorted(latest)]
 
 

@@ -13,10 +13,11 @@ is named by its ``des`` field (``vs_<name>`` in the sweep); of repeated runs of 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from emamba.engine import forecast
 
 
 def main() -> None:
@@ -25,17 +26,17 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="only these seeds (default: all)")
     args = p.parse_args()
     val: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for path in args.files:
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if args.seeds is not None and row.get("seed") not in args.seeds:
-                continue
-            if row.get("config"):  # a sweep run adopted into the results table: already counted under its des
-                continue
-            name = "default" if row.get("des") == "table" else row.get("des", "?")
-            val[(row["data"], row["pred_len"])][name][row["seed"]] = row["best_val_loss"]
+    try:
+        rows = forecast.load_results(args.files)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
+    for row in rows:
+        if args.seeds is not None and row.get("seed") not in args.seeds:
+            continue
+        if row.get("config"):  # a sweep run adopted into the results table: already counted under its des
+            continue
+        name = "default" if row.get("des") == "table" else row.get("des", "?")
+        val[(row["data"], row["pred_len"])][name][row["seed"]] = row["best_val_loss"]
     for (data, horizon), by_name in sorted(val.items()):
         if len(by_name) < 2:
             continue

@@ -12,11 +12,12 @@ the latest one counts.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from emamba.engine import forecast
 
 # SiMBA, arXiv 2403.15360, Table 3 (MSE, look-back 96).
 PAPER_MSE = {
@@ -26,21 +27,6 @@ PAPER_MSE = {
     "ETTm2": {96: 0.177, 192: 0.245, 336: 0.304, 720: 0.400},
 }
 HORIZONS = (96, 192, 336, 720)
-
-
-def load_rows(paths: list[Path], des: str | None) -> list[dict]:
-    rows = []
-    for path in paths:
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SystemExit(f"{path}:{line_no}: not JSON ({exc})") from None
-            if des is None or row.get("des") == des:
-                rows.append(row)
-    return rows
 
 
 def _mean_std(values: list[float]) -> str:
@@ -100,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", type=Path, help="JSONL files written by `emamba forecast`")
     parser.add_argument("--des", default=None, help="keep only rows with this --des tag (e.g. table)")
     args = parser.parse_args(argv)
-    missing = [str(p) for p in args.files if not p.is_file()]
-    if missing:
-        parser.error(f"file(s) not found: {missing}")
-    rows = load_rows(args.files, args.des)
+    try:
+        rows = forecast.load_results(args.files, args.des)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
     if not rows:
         print("no rows found", file=sys.stderr)
         return 1

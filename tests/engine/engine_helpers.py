@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 # every in-process run: small subsets, one thread, no progress bars
@@ -35,3 +36,15 @@ def make_image_folder(root: Path, classes=(0, 1, 2), per_class: int = 6, val_per
                     img = img.convert("RGB")
                 img.save(folder / f"img_{i:03d}.png")
     return root
+
+
+def write_custom_csv(path: Path, rows: int = 700) -> None:
+    """A small TSLib "custom" CSV (hourly ``date``, two variables and the target ``OT``) with daily cycles."""
+    t = np.arange(rows, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    pd.DataFrame({
+        "date": pd.date_range("2021-01-01", periods=rows, freq="h"),
+        "load": np.sin(2 * np.pi * t / 24) + 0.05 * rng.standard_normal(rows),
+        "temp": np.cos(2 * np.pi * t / 24) + 0.05 * rng.standard_normal(rows),
+        "OT": np.sin(2 * np.pi * t / 24 + 1) + 0.01 * t / rows + 0.05 * rng.standard_normal(rows),
+    }).to_csv(path, index=False)

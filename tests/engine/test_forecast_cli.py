@@ -13,6 +13,8 @@ import torch
 from emamba.cli import main as cli_main
 from emamba.engine import forecast
 
+from engine_helpers import write_custom_csv
+
 ETT_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ETT-small").resolve()
 TINY = ["--d_model", "8", "--e_layers", "1", "--d_ff", "16", "--d_state", "4", "--num_threads", "1"]
 
@@ -24,17 +26,6 @@ def _out(tmp_path: Path) -> list[str]:
 def _last_json(capsys) -> dict:
     lines = capsys.readouterr().out.strip().splitlines()
     return json.loads(lines[-1])
-
-
-def _write_custom(path: Path, rows: int = 700) -> None:
-    t = np.arange(rows, dtype=np.float64)
-    rng = np.random.default_rng(0)
-    pd.DataFrame({
-        "date": pd.date_range("2021-01-01", periods=rows, freq="h"),
-        "load": np.sin(2 * np.pi * t / 24) + 0.05 * rng.standard_normal(rows),
-        "temp": np.cos(2 * np.pi * t / 24) + 0.05 * rng.standard_normal(rows),
-        "OT": np.sin(2 * np.pi * t / 24 + 1) + 0.01 * t / rows + 0.05 * rng.standard_normal(rows),
-    }).to_csv(path, index=False)
 
 
 def test_parse_defaults_and_tslib_names():
@@ -108,7 +99,7 @@ def test_short_etth1_run_beats_naive_on_validation(tmp_path, capsys):
 
 
 def test_custom_csv_ms_and_reload(tmp_path, capsys):
-    _write_custom(tmp_path / "OTHER.csv")
+    write_custom_csv(tmp_path / "OTHER.csv")
     common = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--features", "MS",
               "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--train_epochs", "2", *TINY,
               "--checkpoints", str(tmp_path / "ckpt"), "--results_file", str(tmp_path / "results.csv")]
@@ -126,7 +117,7 @@ def test_bad_inputs(tmp_path, capsys):
     assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "missing.csv",
                           *_out(tmp_path)]) == 1
     assert "missing.csv" in capsys.readouterr().err
-    _write_custom(tmp_path / "OTHER.csv")
+    write_custom_csv(tmp_path / "OTHER.csv")
     base = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--seq_len", "48",
             "--label_len", "24", "--pred_len", "24", *TINY, *_out(tmp_path)]
     assert forecast.main(base + ["--features", "S", "--target", "price"]) == 1
@@ -153,7 +144,7 @@ def test_loss_option_sets_the_training_loss_only(tmp_path, monkeypatch, loss, re
         return value
 
     monkeypatch.setitem(forecast.LOSSES, loss, spy)
-    _write_custom(tmp_path / "OTHER.csv")
+    write_custom_csv(tmp_path / "OTHER.csv")
     assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv",
                           "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--batch_size", "64",
                           "--train_epochs", "1", "--loss", loss, *TINY, *_out(tmp_path)]) == 0
@@ -163,7 +154,7 @@ def test_loss_option_sets_the_training_loss_only(tmp_path, monkeypatch, loss, re
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    _write_custom(tmp_path / "OTHER.csv")
+    write_custom_csv(tmp_path / "OTHER.csv")
     real = forecast.criterion
     calls = {"n": 0}
 
@@ -192,3 +183,19 @@ def test_checkpoint_write_is_atomic(tmp_path):
     forecast.save_checkpoint_atomic({"a": 1}, target)
     forecast.save_checkpoint_atomic({"a": 2}, target)
     assert [p.name for p in target.parent.iterdir()] == ["checkpoint.pth"]
+
+
+def test_load_results_reads_json_lines_and_names_bad_files(tmp_path):
+    good = tmp_path / "r.jsonl"
+    good.write_text('{"des": "table", "mse": 1}\n\n{"des": "vs_x", "mse": 2}\n')
+    assert [r["mse"] for r in forecast.load_results([good])] == [1, 2]
+    assert forecast.load_results([good], des="table") == [{"des": "table", "mse": 1}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"des": "table"}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not JSON"):
+        forecast.load_results([good, bad])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        forecast.load_results([tmp_path / "missing.jsonl"])
+    (tmp_path / "r.csv").write_text("des,mse\ntable,1\n")
+    with pytest.raises(ValueError, match="r.csv: CSV results"):
+        forecast.load_results([tmp_path / "r.csv"])

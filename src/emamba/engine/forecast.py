@@ -289,6 +289,31 @@ def append_result(row: dict[str, Any], path: Path) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
+def load_results(paths: list[Path], des: Optional[str] = None) -> list[dict[str, Any]]:
+    """JSON-lines rows written by :func:`append_result`, in file order; ``des`` keeps one tag only.
+
+    The result scripts (``scripts/forecast_*.py``) read these. Raises ``FileNotFoundError`` /
+    ``ValueError`` naming the file (and line) that is missing, CSV, or not JSON.
+    """
+    rows: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"results file not found: {path}")
+        if path.suffix.lower() == ".csv":
+            raise ValueError(f"{path}: CSV results are for spreadsheets; the scripts read JSON lines "
+                             "(--results_file with any other suffix)")
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not JSON ({exc})") from None
+            if des is None or row.get("des") == des:
+                rows.append(row)
+    return rows
+
+
 def _select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

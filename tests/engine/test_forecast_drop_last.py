@@ -6,13 +6,13 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from emamba.engine import forecast
 
-ROOT = Path(__file__).resolve().parents[1]
+from engine_helpers import write_custom_csv
+
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--d_model", "8", "--e_layers", "1", "--d_ff", "16", "--d_state", "4", "--num_threads", "1"]
 
 
@@ -28,18 +28,8 @@ def test_kept_windows_is_whole_batches(windows, batch, kept):
     assert load_script().kept_windows(windows, batch) == kept
 
 
-def _write_custom(path: Path, rows: int = 700) -> None:
-    t = np.arange(rows, dtype=np.float64)
-    rng = np.random.default_rng(1)
-    pd.DataFrame({
-        "date": pd.date_range("2021-01-01", periods=rows, freq="h"),
-        "a": np.sin(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(rows),
-        "OT": np.cos(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(rows) * (1 + 4 * (t > 0.9 * rows)),
-    }).to_csv(path, index=False)
-
-
 def test_rescore_reproduces_the_row_and_drops_the_tail(tmp_path, capsys):
-    _write_custom(tmp_path / "toy.csv")
+    write_custom_csv(tmp_path / "toy.csv")
     results = tmp_path / "results.jsonl"
     assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "toy.csv", "--seq_len", "48",
                           "--label_len", "24", "--pred_len", "24", "--train_epochs", "1", "--des", "table", *TINY,
@@ -53,7 +43,7 @@ def test_rescore_reproduces_the_row_and_drops_the_tail(tmp_path, capsys):
     assert rescored["reproduces_row"] and rescored["mse_all"] == pytest.approx(row["mse"], rel=1e-6)
     windows = row["test_windows"]
     assert rescored["windows"] == windows and rescored["dropped_16"] == windows % 16 != 0
-    # the noisy tail of the series is what drop_last leaves out, so the score must change
+    # the left-out windows are scored differently from the rest, so the MSE must move
     assert rescored["mse_drop_last_16"] != pytest.approx(rescored["mse_all"], rel=1e-4)
     assert rescored["mse_drop_last_1000"] is None and rescored["dropped_1000"] == windows  # no whole batch
     text = capsys.readouterr().out
