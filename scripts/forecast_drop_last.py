@@ -50,31 +50,17 @@ def latest_rows(paths: list[Path], des: str | None) -> list[dict]:
     return [latest[key] for key in sorted(latest)]
 
 
-def run_args(row: dict, root_path: str | None) -> argparse.Namespace:
-    """The ``emamba forecast`` arguments of the run that wrote ``row``."""
-    argv = ["--data", row["data"], "--data_path", row["data_path"]]
-    if root_path:
-        argv += ["--root_path", root_path]
-    args = forecast.parse_args(argv)
-    for name in forecast._ROW_ARGS:
-        if name in row:
-            setattr(args, name, row[name])
-    return args
-
-
 def rescore(row: dict, root_path: str | None, batch_sizes: list[int]) -> dict:
     """Test MSE of ``row``'s checkpoint over all windows and over the windows drop_last keeps per batch size."""
     ckpt = Path(row["checkpoint"])
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt} (rerun the run that wrote this row to recreate it)")
-    args = run_args(row, root_path)
-    dataset, loader = data_provider(args, "test")
-    forecast._resolve_channels(args, dataset.num_variables)
+    args = forecast.args_from_row(row, root_path)
+    _, loader = data_provider(args, "test")
     model = Model(args)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    with torch.no_grad():
-        pred, true = forecast.predict(model, loader, args, torch.device("cpu"), desc=f"{row['data']}-{row['pred_len']}")
+    pred, true = forecast.predict(model, loader, args, torch.device("cpu"), desc=f"{row['data']}-{row['pred_len']}")
     full = forecast.metric(pred, true)["mse"]
     out = {"setting": row["setting"], "data": row["data"], "pred_len": row["pred_len"], "seq_len": row["seq_len"],
            "features": row["features"], "seed": row["seed"], "windows": int(len(pred)), "mse_all": full,

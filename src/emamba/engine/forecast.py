@@ -491,6 +491,20 @@ _ROW_ARGS = (
 )
 
 
+def args_from_row(row: dict[str, Any], root_path: Optional[str] = None) -> argparse.Namespace:
+    """The arguments of the run that wrote results ``row`` (its model, data and training options), to
+    rebuild its model and data for re-scoring its checkpoint; ``root_path`` names the data folder, which
+    rows do not record."""
+    argv = ["--data", row["data"], "--data_path", row["data_path"]]
+    if root_path:
+        argv += ["--root_path", root_path]
+    args = parse_args(argv)
+    for name in _ROW_ARGS:
+        if name in row:
+            setattr(args, name, row[name])
+    return args
+
+
 def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[str, Any]:
     run_start = time.perf_counter()
     seed = args.seed + ii
