@@ -43,13 +43,6 @@ def kept_windows(windows: int, batch_size: int) -> int:
     return windows // batch_size * batch_size
 
 
-def latest_rows(paths: list[Path], des: str | None) -> list[dict]:
-    """The last row per (data, pred_len, seq_len, features, seed), as the results table counts them."""
-    latest = {(r["data"], r["pred_len"], r["seq_len"], r["features"], r["seed"]): r
-              for r in forecast.load_results(paths, des)}
-    return [latest[key] for key in sorted(latest)]
-
-
 def rescore(row: dict, root_path: str | None, batch_sizes: list[int]) -> dict:
     """Test MSE of ``row``'s checkpoint over all windows and over the windows drop_last keeps per batch size."""
     ckpt = Path(row["checkpoint"])
@@ -116,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(b < 1 for b in args.batch_sizes):
             raise ValueError(f"--batch_sizes must be positive, got {args.batch_sizes}")
-        rows = latest_rows(args.files, args.des or None)
+        rows = forecast.latest_runs(forecast.load_results(args.files, args.des or None))
         if not rows:
             raise ValueError(f"no rows with des {args.des!r} in {', '.join(map(str, args.files))}")
         results = [rescore(row, args.root_path, args.batch_sizes) for row in rows]

@@ -36,13 +36,9 @@ def _mean_std(values: list[float]) -> str:
 
 
 def build_table(rows: list[dict]) -> str:
-    # latest row per (data, horizon, seq_len, features, seed)
-    latest: dict[tuple, dict] = {}
-    for row in rows:
-        latest[(row["data"], row["pred_len"], row["seq_len"], row["features"], row["seed"])] = row
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for (data, pred_len, seq_len, features, _), row in sorted(latest.items()):
-        groups[(data, seq_len, features, pred_len)].append(row)
+    for row in forecast.latest_runs(rows):
+        groups[(row["data"], row["seq_len"], row["features"], row["pred_len"])].append(row)
 
     lines = [
         "| Dataset | Horizon | Seeds | EMamba-TS MSE | EMamba-TS MAE | SiMBA paper MSE | Gap (ours - paper) "

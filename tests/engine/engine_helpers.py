@@ -10,6 +10,8 @@ from PIL import Image
 
 # every in-process run: small subsets, one thread, no progress bars
 FAST = ["--threads", "1", "--no-progress", "--num_workers", "0"]
+# the smallest EMamba-TS `emamba forecast` trains in a test, on one thread
+FORECAST_TINY = ["--d_model", "8", "--e_layers", "1", "--d_ff", "16", "--d_state", "4", "--num_threads", "1"]
 
 
 def bundled_arrays():

@@ -13,10 +13,9 @@ import torch
 from emamba.cli import main as cli_main
 from emamba.engine import forecast
 
-from engine_helpers import write_custom_csv
+from engine_helpers import FORECAST_TINY as TINY, write_custom_csv
 
 ETT_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ETT-small").resolve()
-TINY = ["--d_model", "8", "--e_layers", "1", "--d_ff", "16", "--d_state", "4", "--num_threads", "1"]
 
 
 def _out(tmp_path: Path) -> list[str]:

@@ -10,10 +10,9 @@ import pytest
 
 from emamba.engine import forecast
 
-from engine_helpers import write_custom_csv
+from engine_helpers import FORECAST_TINY as TINY, write_custom_csv
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--d_model", "8", "--e_layers", "1", "--d_ff", "16", "--d_state", "4", "--num_threads", "1"]
 
 
 def load_script():

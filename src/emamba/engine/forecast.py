@@ -314,6 +314,13 @@ def load_results(paths: list[Path], des: Optional[str] = None) -> list[dict[str,
     return rows
 
 
+def latest_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last of ``rows`` per (data, pred_len, seq_len, features, seed), sorted by that key: a rerun
+    replaces the earlier row of its seed, as the results table counts them."""
+    latest = {(r["data"], r["pred_len"], r["seq_len"], r["features"], r["seed"]): r for r in rows}
+    return [latest[key] for key in sorted(latest)]
+
+
 def _select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
