@@ -1,4 +1,5 @@
-"""benchmarks/scan.py end to end on the smallest shape: its JSON rows and the exp floor."""
+"""The benchmark scripts end to end at their smallest settings: scan.py (JSON rows, exp floor) and
+module_threads.py (every timed module counted once per call)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from emamba.ops import scan_cpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_scan_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_scan", os.path.join(ROOT, "benchmarks", "scan.py"))
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_scan_benchmark():
+    return load_benchmark("scan")
 
 
 @pytest.mark.skipif(not scan_cpu.is_available()[0], reason="fused CPU scan kernel unavailable")
@@ -36,3 +41,23 @@ def test_scan_benchmark_rows_and_exp_floor(tmp_path, capsys):
         assert 0 < r["exp_floor_fraction"] < 1
     assert rows["cpu"]["speedup_vs_reference"] == pytest.approx(rows["reference"]["median_s"] / rows["cpu"]["median_s"])
     assert "exp floor" in capsys.readouterr().out
+
+
+def test_module_threads_counts_every_call(tmp_path, capsys):
+    bench = load_benchmark("module_threads")
+    out = tmp_path / "threads.json"
+    assert bench.main(["--model", "emamba_tiny", "--batch-size", "1", "--img-size", "64", "--threads", "1", "1",
+                       "--rounds", "1", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    counts = {}
+    for r in rows:
+        counts[r["module"]] = counts.get(r["module"], 0) + r["count"]
+        assert r["ms_few"] > 0 and r["ms_many"] > 0
+    # emamba_tiny: depths (1, 1, 2, 1) plus the class block; one stem, three downsamples
+    assert counts["MambaMixer"] == counts["EinFFT"] == 6
+    assert counts["Stem"] == 1 and counts["Downsample"] == 3
+    # a stage hands its downsample a channels-last view of its tokens: the captured input keeps it
+    assert all(r["channels_last_view"] for r in rows if r["module"] == "Downsample")
+    assert "sum over modules" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
