@@ -86,11 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     groups = capture_groups(model, torch.randn(args.batch_size, 3, args.img_size, args.img_size))
     few, many = args.threads
     rows = []
-    for g in groups:
-        t_few, t_many = [], []
-        for _ in range(args.rounds):
-            t_few.append(time_call(g["module"], g["args"], few, args.repeats))
-            t_many.append(time_call(g["module"], g["args"], many, args.repeats))
+    threads_before = torch.get_num_threads()
+    try:
+        timings = [([], []) for _ in groups]
+        for (t_few, t_many), g in zip(timings, groups):
+            for _ in range(args.rounds):
+                t_few.append(time_call(g["module"], g["args"], few, args.repeats))
+                t_many.append(time_call(g["module"], g["args"], many, args.repeats))
+    finally:  # the caller's thread count (this runs inside the test process too)
+        torch.set_num_threads(threads_before)
+    for (t_few, t_many), g in zip(timings, groups):
         first = g["args"][0]
         rows.append(dict(module=type(g["module"]).__name__, example=g["name"], input_shape=list(first.shape),
                          channels_last_view=first.dim() == 4 and not first.is_contiguous(), count=g["count"],

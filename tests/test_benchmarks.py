@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from emamba.ops import scan_cpu
 
@@ -46,6 +47,7 @@ def test_scan_benchmark_rows_and_exp_floor(tmp_path, capsys):
 def test_module_threads_counts_every_call(tmp_path, capsys):
     bench = load_benchmark("module_threads")
     out = tmp_path / "threads.json"
+    threads = torch.get_num_threads()
     assert bench.main(["--model", "emamba_tiny", "--batch-size", "1", "--img-size", "64", "--threads", "1", "1",
                        "--rounds", "1", "--repeats", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -59,5 +61,6 @@ def test_module_threads_counts_every_call(tmp_path, capsys):
     # a stage hands its downsample a channels-last view of its tokens: the captured input keeps it
     assert all(r["channels_last_view"] for r in rows if r["module"] == "Downsample")
     assert "sum over modules" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the timing loop's thread counts do not leak out
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
