@@ -22,13 +22,9 @@ def load_benchmark(name: str):
     return module
 
 
-def load_scan_benchmark():
-    return load_benchmark("scan")
-
-
 @pytest.mark.skipif(not scan_cpu.is_available()[0], reason="fused CPU scan kernel unavailable")
 def test_scan_benchmark_rows_and_exp_floor(tmp_path, capsys):
-    bench = load_scan_benchmark()
+    bench = load_benchmark("scan")
     out = tmp_path / "scan.json"
     assert bench.main(["--shapes", "ts", "--backends", "cpu", "reference", "--modes", "fwd", "--repeats", "1",
                        "--json", str(out)]) == 0
