@@ -2,7 +2,7 @@
 
 ``profile_block.py`` says where a step's CPU time goes; this script says which parts gain from a second
 thread and which do not. It runs the model once to capture the real input of every stem, downsample,
-LayerNorm, Mamba mixer and channel mixer, groups them by (module type, input shape), then times one module
+LayerNorm, Mamba mixer and channel mixer, groups them by (module type, input shape and strides), then times one module
 of each group alone on its captured input, alternating the thread counts (``--rounds`` rounds of
 ``--repeats`` calls; medians). "step share" is the group's time (x its count) at the higher thread count.
 
@@ -88,18 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     threads_before = torch.get_num_threads()
     try:
-        timings = [([], []) for _ in groups]
-        for (t_few, t_many), g in zip(timings, groups):
+        for g in groups:
+            t_few, t_many = [], []
             for _ in range(args.rounds):
                 t_few.append(time_call(g["module"], g["args"], few, args.repeats))
                 t_many.append(time_call(g["module"], g["args"], many, args.repeats))
+            first = g["args"][0]
+            channels_last_view = (first.dim() == 4 and not first.is_contiguous()
+                                  and first.is_contiguous(memory_format=torch.channels_last))
+            rows.append(dict(module=type(g["module"]).__name__, example=g["name"], input_shape=list(first.shape),
+                             channels_last_view=channels_last_view, count=g["count"],
+                             ms_few=1e3 * statistics.median(t_few), ms_many=1e3 * statistics.median(t_many)))
     finally:  # the caller's thread count (this runs inside the test process too)
         torch.set_num_threads(threads_before)
-    for (t_few, t_many), g in zip(timings, groups):
-        first = g["args"][0]
-        rows.append(dict(module=type(g["module"]).__name__, example=g["name"], input_shape=list(first.shape),
-                         channels_last_view=first.dim() == 4 and not first.is_contiguous(), count=g["count"],
-                         ms_few=1e3 * statistics.median(t_few), ms_many=1e3 * statistics.median(t_many)))
     total_many = sum(r["ms_many"] * r["count"] for r in rows)
     total_few = sum(r["ms_few"] * r["count"] for r in rows)
     print(f"{args.model}, batch {args.batch_size} @ {args.img_size} px, inference, wall ms per call "
