@@ -219,11 +219,20 @@ def test_fused_step_prologue_matches_aten(dtype, rtol, softplus):
     torch.testing.assert_close(out, expected, rtol=rtol, atol=0)
 
 
-def test_fast_exp_accuracy_and_edges():
-    """The kernel's fp32 exp (decays, gates, softplus): within 2e-7 relative of 2^(its own fp32 argument
-    x * log2 e) over the whole normal range, within 2e-7 + |x| * 1e-7 of exp(x) (the argument's fp32
-    rounding), exactly 1 at 0, and the documented edges: 0 below, +inf on overflow, NaN through."""
-    fast_exp = scan_cpu._ext().fast_exp
+def _require_avx512():
+    if not scan_cpu._ext().avx512_step_loop():
+        pytest.skip("this build of the kernel has no AVX-512 step loop")
+
+
+@pytest.mark.parametrize("avx512", [False, True], ids=["generic", "avx512"])
+def test_fast_exp_accuracy_and_edges(avx512):
+    """The kernel's fp32 exp (decays, gates, softplus; and the AVX-512 one of the fp32 step loop): within
+    2e-7 relative of 2^(its own fp32 argument x * log2 e) over the whole normal range, within
+    2e-7 + |x| * 1e-7 of exp(x) (the argument's fp32 rounding), exactly 1 at 0, and the documented edges:
+    0 below, +inf on overflow, NaN through."""
+    if avx512:
+        _require_avx512()
+    fast_exp = lambda v: scan_cpu._ext().fast_exp(v, avx512)  # noqa: E731
     x = torch.linspace(-87.0, 88.0, 2_000_001, dtype=torch.float32)
     y = fast_exp(x).double()
     arg = (x * 1.44269504088896341).double()  # fp32 product, as inside the kernel
@@ -233,3 +242,73 @@ def test_fast_exp_accuracy_and_edges():
     edges = torch.tensor([0.0, -89.0, -1e4, float("-inf"), 88.8, 1e4, float("nan")])
     expected = torch.tensor([1.0, 0.0, 0.0, 0.0, float("inf"), float("inf"), float("nan")])
     torch.testing.assert_close(fast_exp(edges), expected, equal_nan=True, rtol=0, atol=0)
+
+
+def test_avx512_exp_is_bit_identical_to_generic():
+    """The forward's AVX-512 decays and the backward's recompute must give the same states: the two exps agree
+    bit for bit wherever the result is a normal number or 0 (the AVX-512 one is exact, not inf, in
+    [127.5, 128) of its argument, outside any decay's range)."""
+    _require_avx512()
+    ext = scan_cpu._ext()
+    x = torch.cat([torch.linspace(-90.0, 88.3, 1_000_003), (torch.randn(100_000) * 30).clamp(max=88.3),
+                   torch.tensor([0.0, -0.0, -87.6, -87.7, -88.0, float("-inf"), float("nan")])])
+    assert torch.equal(ext.fast_exp(x, True).nan_to_num(7.0), ext.fast_exp(x, False).nan_to_num(7.0))
+    near_max = torch.tensor([88.4, 88.7])  # x log2(e) in [127.5, 128): the true value, not inf
+    torch.testing.assert_close(ext.fast_exp(near_max, True).double(), near_max.double().exp(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("n", [8, 16, 64])
+def test_forward_reads_both_bc_layouts(n):
+    """scan_fwd takes B, C as (batch, n, L) rows (unit stride along L, any batch/state strides: the mixer's
+    slices of x_proj's output) or as a transposed view of (batch, L, n) memory; both give the same bits, and
+    any other layout is refused with a message naming the tensor."""
+    ext = scan_cpu._ext()
+    batch, d, L = 2, 3, 2 * CHUNK + 9
+    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(batch, d, L, n, torch.float32, seed=11))
+    proj = torch.randn(batch, 5 + 2 * n, L)  # (batch, dt_rank + 2n, L), as x_proj writes it
+    proj[:, 5:5 + n], proj[:, 5 + n:] = B, C
+    B_rows, C_rows = proj[:, 5:5 + n], proj[:, 5 + n:]
+    assert not B_rows.is_contiguous() and B_rows.stride(2) == 1
+    B_steps, C_steps = (X.transpose(1, 2).contiguous().transpose(1, 2) for X in (B, C))
+    out_rows, ck_rows = ext.scan_fwd(u, delta, A, B_rows, C_rows, D, z, bias, True)
+    out_steps, ck_steps = ext.scan_fwd(u, delta, A, B_steps, C_steps, D, z, bias, True)
+    assert torch.equal(out_rows, out_steps) and torch.equal(ck_rows, ck_steps)
+    ref = selective_scan_reference(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
+    assert rel_err(out_rows, ref) < 1e-4
+    with pytest.raises(RuntimeError, match="C must have unit stride along L"):
+        ext.scan_fwd(u, delta, A, B, torch.randn(batch, n, 2 * L)[..., ::2], D, z, bias, True)
+    with pytest.raises(RuntimeError, match=r"B must be \(batch, n, L\)"):
+        ext.scan_fwd(u, delta, A, B[:, :, :-1], C, D, z, bias, True)
+
+
+@pytest.fixture(scope="module")
+def generic_ext():
+    """The kernel built without AVX-512, as AVX2-only CPUs run it: on an AVX-512 machine its generic fp32
+    step loop (and the (batch, L, n) copy of B, C the wrapper makes for it) would otherwise go untested."""
+    _require_avx512()
+    from torch.utils.cpp_extension import load
+
+    cflags, ldflags = scan_cpu._BASE_FLAGS + ["-march=native", "-mno-avx512f", "-fopenmp"], ["-fopenmp"]
+    module = load(name=scan_cpu._build_name("noavx512", cflags, ldflags), sources=[scan_cpu._SOURCE],
+                  extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+    assert not module.avx512_step_loop()
+    return module
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_generic_build_matches_avx512_build(generic_ext, n):
+    native = scan_cpu._ext()
+    batch, d, L = 2, 4, 2 * CHUNK + 9
+    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(batch, d, L, n, torch.float32, seed=12))
+    dout = torch.randn(batch, d, L, generator=torch.Generator().manual_seed(3))
+    Bt, Ct = (X.transpose(1, 2).contiguous() for X in (B, C))  # (batch, L, n): the backward's layout
+    results = {}
+    for name, ext, Bf, Cf in (("generic", generic_ext, Bt.transpose(1, 2), Ct.transpose(1, 2)),
+                              ("avx512", native, B, C)):
+        out, ck = ext.scan_fwd(u, delta, A, Bf, Cf, D, z, bias, True)
+        steps = ext.scan_steps(delta, bias, True)
+        results[name] = (out, ck, *ext.scan_bwd(dout, u, steps, A, Bt, Ct, D, z, ck))
+    ref = selective_scan_reference(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
+    assert rel_err(results["generic"][0], ref) < 1e-4
+    for a, b in zip(results["generic"], results["avx512"]):
+        assert rel_err(a, b.double()) < 1e-5

@@ -154,6 +154,16 @@ def _transpose_bc(X: Tensor) -> Tensor:
     return X.transpose(1, 2).contiguous()
 
 
+def _forward_bc(ext, X: Tensor) -> Tensor:
+    # The kernel's forward takes B, C as (batch, n, L) in two layouts (see check_bc in the C++ source):
+    # rows with unit stride along L, read in place and transposed chunk by chunk (the AVX-512 step loop's
+    # choice: no whole-tensor copy; the Mamba mixer's slices of x_proj's output already have it), or a
+    # transposed view of a (batch, L, n) copy (the generic loop's choice).
+    if ext.avx512_step_loop():
+        return X if X.stride(2) == 1 else X.contiguous()
+    return _transpose_bc(X).transpose(1, 2)
+
+
 @torch.no_grad()
 def forward(
     u: Tensor,
@@ -169,7 +179,7 @@ def forward(
     """Returns (out, checkpoints) with checkpoints of shape :func:`checkpoint_shape`."""
     ext = _ext()
     return tuple(ext.scan_fwd(
-        u.contiguous(), delta.contiguous(), A.contiguous(), _transpose_bc(B), _transpose_bc(C),
+        u.contiguous(), delta.contiguous(), A.contiguous(), _forward_bc(ext, B), _forward_bc(ext, C),
         _opt(D), _opt(z), _opt(delta_bias), bool(delta_softplus),
     ))
 

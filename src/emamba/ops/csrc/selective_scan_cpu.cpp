@@ -9,13 +9,17 @@
 //    chunks in reverse, recomputes one chunk of states from the previous checkpoint into a thread-local
 //    kChunk*n buffer (it stays in L1/L2) and runs the reverse recurrence for dh over it.
 //  * Layout. For a fixed (b, d) we stream over t; B and C are (batch, n, L), so their columns for one t
-//    are strided by L. The wrapper hands us B and C transposed to (batch, L, n) (an O(batch*L*n) copy) so
-//    the inner loops over the state dimension n are contiguous and vectorise (`#pragma omp simd`).
+//    are strided by L. The inner loops over the state dimension n want them contiguous: the backward (and
+//    the forward's generic loop) get B and C transposed to (batch, L, n) by the wrapper (an O(batch*L*n)
+//    copy); the forward's AVX-512 loop reads the (batch, n, L) rows and transposes one chunk at a time into
+//    a small buffer shared by the rows of a batch element (see check_bc).
 //  * Chunk-major order. A task advances all of its rows (same batch element) through chunk c before
 //    moving to chunk c+1 (backward: c-1), so the kChunk*n slices of B, C (and of the dB/dC accumulators)
 //    are loaded from memory once per chunk and reused from cache by every row.
 //  * exp(dt*A) per (t, n) is the dominant cost: see Exp<float> (vectorised polynomial); computed in its
-//    own loop over the chunk, where the exps are independent and overlap well.
+//    own loop over the chunk, where the exps are independent and overlap well. With AVX-512 the fp32
+//    forward instead runs a hand-vectorised step loop (forward_chunk_avx512): the state in zmm registers,
+//    the exps (two AVX-512 instructions shorter, exp2_avx512) computed in the step loop itself.
 //  * Elementwise work on (b, d, t) is fused here per chunk: the silu(z) gate and its derivative, and in the
 //    forward the step prologue dt = softplus(delta + delta_bias) (see Softplus<float>). The backward takes
 //    the effective step from the Python wrapper, which also chains the gradient through softplus with ATen.
@@ -37,6 +41,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kChunk = 64;  // keep in sync with CHUNK in scan_cpu.py
@@ -53,7 +61,7 @@ constexpr int64_t kMinTaskWork = int64_t(1) << 16;
 // fp64 over the normal range (tests/ops/test_scan_cpu.py). The exps are the forward's bottleneck (about
 // 60% of its time); the degree-6 polynomial used before (1e-7) made the forward 5-9% slower, for an
 // accuracy gain below the fp32 rounding of the recurrence itself. Edge
-// handling costs two ops: for x < -127 the result is 0 (no denormal decays), k is clamped at 128 so
+// handling costs two ops: for x < -126.5 the result is 0 (no denormal decays), k is clamped at 128 so
 // overflow gives +inf (from x >= 127.5 on), NaN propagates. x = +inf itself gives NaN (r = inf - inf):
 // the decays' argument dt * A is never +inf (A < 0 in Mamba), and silu(-inf) is NaN in PyTorch too.
 // fp64: std::exp, exact agreement with the reference (gradcheck); speed is secondary there.
@@ -171,9 +179,43 @@ inline void with_state_size(int64_t n, Fn&& fn) {
 // Decays exp(dt_t * A) for steps [t0, t1) into abuf ((t1 - t0, n)). A separate pass over the whole chunk
 // (no loop-carried dependency, no reduction) lets the core overlap many independent exp evaluations;
 // fused into the recurrence loop it runs measurably slower.
+#if defined(__AVX512F__)
+// 16 decays 2^x at once, bit-identical to Exp<float>::exp2 wherever that returns a normal number or 0
+// (the same rounding of k, the same r and the same Horner FMAs). Two AVX-512 instructions replace its
+// scalar-style tail: vrndscaleps rounds x to k, vscalefps multiplies p by 2^k exactly (overflow to inf,
+// NaN kept); a mask zeroes x < -126.5 (where exp2 returns 0: no denormal decays). 9 vector ops per 16
+// exps instead of ~14 per 8 with the generic loop, which GCC compiles for 256-bit vectors on these cores.
+// Only difference: x in [127.5, 128) gives the (finite) true value, where exp2 returns inf.
+static inline __attribute__((always_inline)) __m512 exp2_avx512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.5f), _CMP_NLT_UQ);
+  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, k);
+  __m512 p = _mm512_set1_ps(1.326472731307149e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.671512991189957e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550733581185341e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022242426872253e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931470036506653e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, k);
+}
+#endif
+
 template <typename T>
 inline void chunk_decays(const T* __restrict dt, const T* __restrict As, int64_t t0, int64_t t1, int64_t n,
                          T* __restrict abuf) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (n % 16 == 0) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const __m512 dtt = _mm512_set1_ps(dt[t]);
+        float* __restrict ar = abuf + (t - t0) * n;
+        for (int64_t k = 0; k < n; k += 16)
+          _mm512_storeu_ps(ar + k, exp2_avx512(_mm512_mul_ps(dtt, _mm512_loadu_ps(As + k))));
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t t = t0; t < t1; ++t) {
     const T dtt = dt[t];
     T* __restrict ar = abuf + (t - t0) * n;
@@ -198,14 +240,74 @@ inline __attribute__((always_inline)) T tree_sum(T* __restrict v) {
 // ---------------------------------------------------------------------------------------------------
 // Forward of steps [t0, t1) of one (b, d) row, carrying the state h (n) in place.
 //   u, dt, z, out: the row of the (batch, d, L) tensors (z may be null); As: A[d] * Exp<T>::kScale;
-//   Bt, Ct: (L, n); abuf: kChunk * n scratch.
+//   Bt, Ct: steps [t0, t1) of B, C as (t1 - t0, n) (see transpose_chunk); abuf: kChunk * n scratch.
 // ---------------------------------------------------------------------------------------------------
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// tree_sum<float, NF>(c * h) for NF in {16, 32, 64} held in NF / 16 vectors, in the same order of additions
+// (so the sum is bit-identical to the generic loop's, which the backward's recompute uses).
+template <int NF>
+static inline __attribute__((always_inline)) float tree_sum_avx512(const __m512* p) {
+  __m512 s;
+  if constexpr (NF == 64) {
+    s = _mm512_add_ps(_mm512_add_ps(p[0], p[2]), _mm512_add_ps(p[1], p[3]));
+  } else if constexpr (NF == 32) {
+    s = _mm512_add_ps(p[0], p[1]);
+  } else {
+    s = p[0];
+  }
+  const __m256 e = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+  const __m256 f = _mm256_add_ps(e, _mm256_permute_ps(e, 0xB1));  // v0+v1, v2+v3, v4+v5, v6+v7
+  const __m256 g = _mm256_add_ps(f, _mm256_permute_ps(f, 0x4E));  // (v0+v1)+(v2+v3), (v4+v5)+(v6+v7)
+  return _mm256_cvtss_f32(g) + _mm_cvtss_f32(_mm256_extractf128_ps(g, 1));
+}
+
+// forward_chunk for fp32 and NF in {16, 32, 64} with the state in NF / 16 zmm registers and the decays
+// computed inside the step loop (they do not depend on the state, so the core overlaps them with the
+// recurrence; no decay buffer is written or read).
+template <int NF>
+inline void forward_chunk_avx512(const float* __restrict u, const float* __restrict dt, const float* __restrict z,
+                                 const float* __restrict As, const float* __restrict Bt,
+                                 const float* __restrict Ct, float Dd, int64_t t0, int64_t t1,
+                                 float* __restrict out, float* __restrict h) {
+  constexpr int V = NF / 16;
+  __m512 hv[V], av[V], prod[V];
+  for (int v = 0; v < V; ++v) {
+    hv[v] = _mm512_loadu_ps(h + 16 * v);
+    av[v] = _mm512_loadu_ps(As + 16 * v);
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const float ut = u[t];
+    const __m512 dtt = _mm512_set1_ps(dt[t]);
+    const __m512 du = _mm512_set1_ps(dt[t] * ut);
+    const float* __restrict b = Bt + (t - t0) * NF;
+    const float* __restrict cc = Ct + (t - t0) * NF;
+    for (int v = 0; v < V; ++v) {
+      const __m512 a = exp2_avx512(_mm512_mul_ps(dtt, av[v]));
+      hv[v] = _mm512_fmadd_ps(a, hv[v], _mm512_mul_ps(du, _mm512_loadu_ps(b + 16 * v)));
+    }
+    for (int v = 0; v < V; ++v) prod[v] = _mm512_mul_ps(_mm512_loadu_ps(cc + 16 * v), hv[v]);
+    out[t] = tree_sum_avx512<NF>(prod) + Dd * ut;
+  }
+  for (int v = 0; v < V; ++v) _mm512_storeu_ps(h + 16 * v, hv[v]);
+  if (z) {
+#pragma omp simd
+    for (int64_t t = t0; t < t1; ++t) out[t] *= z[t] * Exp<float>::sigmoid(z[t]);
+  }
+}
+#endif
+
 template <typename T, int NF>
 inline void forward_chunk(const T* __restrict u, const T* __restrict dt, const T* __restrict z,
                           const T* __restrict As, const T* __restrict Bt, const T* __restrict Ct, T Dd,
                           int64_t t0, int64_t t1, int64_t n_rt, T* __restrict out, T* __restrict h,
                           T* __restrict abuf) {
   const int64_t n = NF > 0 ? NF : n_rt;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (std::is_same_v<T, float> && NF >= 16) {
+    forward_chunk_avx512<NF>(u, dt, z, As, Bt, Ct, Dd, t0, t1, out, h);
+    return;
+  }
+#endif
   chunk_decays<T>(dt, As, t0, t1, n, abuf);
   // With n known at compile time the state lives in a local array (registers) for the whole chunk.
   T h_local[NF > 0 ? NF : 1];
@@ -218,8 +320,8 @@ inline void forward_chunk(const T* __restrict u, const T* __restrict dt, const T
     const T ut = u[t];
     const T du = dt[t] * ut;
     const T* __restrict ar = abuf + (t - t0) * n;
-    const T* __restrict b = Bt + t * n;
-    const T* __restrict cc = Ct + t * n;
+    const T* __restrict b = Bt + (t - t0) * n;
+    const T* __restrict cc = Ct + (t - t0) * n;
     if constexpr (NF >= 16) {
       // y_t = C_t . h_t summed as a tree: a single `omp simd reduction` accumulator chains NF / lanes
       // dependent FMAs per step (8 x 4 cycles at n = 64 on AVX2), longer than the step's own work.
@@ -413,13 +515,40 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
 }
 
+// B or C as the forward reads it, (batch, n, L) in one of two layouts; returns true for the first:
+//  * rows: unit stride along L (batch and state strides free, e.g. slices of the Mamba mixer's x_proj
+//    output): copied chunk by chunk into a (kChunk, n) buffer (transpose_chunk), no whole-tensor copy;
+//  * steps: unit stride along n, stride n along L (a transposed view of (batch, L, n) memory): read in place.
+bool check_bc(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t batch, int64_t n, int64_t L) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == batch && t.size(1) == n && t.size(2) == L, name,
+              " must be (batch, n, L) = (", batch, ", ", n, ", ", L, "), got ", t.sizes());
+  const bool steps = (t.stride(1) == 1 || n == 1) && (t.stride(2) == n || L == 1);
+  TORCH_CHECK(steps || t.stride(2) == 1 || L == 1, name,
+              " must have unit stride along L, or be a transposed view of (batch, L, n) memory");
+  return !steps;
+}
+
+// Copies steps [t0, t1) of one batch element's B or C ((n, L) rows with stride `sn`) into buf as (t1 - t0, n):
+// the step loop reads the state vector of one step contiguously. Done once per chunk and batch element and
+// reused by all of a task's rows, it replaces a whole-tensor transposed copy ahead of the kernel.
+template <typename T>
+inline void transpose_chunk(const T* __restrict src, int64_t sn, int64_t n, int64_t t0, int64_t t1,
+                            T* __restrict buf) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T* __restrict row = src + k * sn;
+    for (int64_t t = t0; t < t1; ++t) buf[(t - t0) * n + k] = row[t];
+  }
+}
+
 }  // namespace
 
-// u, delta, z: (batch, d, L); A: (d, n); Bt, Ct: (batch, L, n) (transposed); D, delta_bias: (d,). D, z and
-// delta_bias optional. The step is dt = delta + delta_bias, then softplus when `softplus` (computed here,
-// per chunk, never materialised). Returns (out, checkpoints).
+// u, delta, z: (batch, d, L); A: (d, n); B, C: (batch, n, L), unit stride along L (see check_bc); D, delta_bias:
+// (d,). D, z and delta_bias optional. The step is dt = delta + delta_bias, then softplus when `softplus`
+// (computed here, per chunk, never materialised). Returns (out, checkpoints).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                 const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
+                                 const at::Tensor& Bm, const at::Tensor& Cm, const std::optional<at::Tensor>& D,
                                  const std::optional<at::Tensor>& z,
                                  const std::optional<at::Tensor>& delta_bias, bool softplus) {
   const auto dtype = u.scalar_type();
@@ -427,12 +556,12 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   check(u, "u", dtype);
   check(delta, "delta", dtype);
   check(A, "A", dtype);
-  check(Bt, "B", dtype);
-  check(Ct, "C", dtype);
   if (D) check(*D, "D", dtype);
   if (z) check(*z, "z", dtype);
   if (delta_bias) check(*delta_bias, "delta_bias", dtype);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
+  const bool B_rows = check_bc(Bm, "B", dtype, batch, n, L);
+  const bool C_rows = check_bc(Cm, "C", dtype, batch, n, L);
   const int64_t nc = num_chunks(L);
   auto out = at::empty_like(u);
   auto ckpt = at::empty({batch, d, nc, n}, u.options());
@@ -441,8 +570,9 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     const T* up = u.data_ptr<T>();
     const T* deltap = delta.data_ptr<T>();
     const T* Ap = A.data_ptr<T>();
-    const T* Bp = Bt.data_ptr<T>();
-    const T* Cp = Ct.data_ptr<T>();
+    const T* Bp = Bm.data_ptr<T>();
+    const T* Cp = Cm.data_ptr<T>();
+    const int64_t sBb = Bm.stride(0), sBn = Bm.stride(1), sCb = Cm.stride(0), sCn = Cm.stride(1);
     const T* Dp = D ? D->data_ptr<T>() : nullptr;
     const T* zp = z ? z->data_ptr<T>() : nullptr;
     const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
@@ -454,14 +584,23 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     // which is exactly what the backward needs.
     const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, L * n));
     at::parallel_for(0, batch * d, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> h(n), As(n), abuf(kChunk * n), dt_row(raw_steps ? 0 : L);
+      std::vector<T> h(n), As(n), dt_row(raw_steps ? 0 : L);
+      // decays, B and C of the chunk, each (kChunk, n), staggered by a cache line so that same-index
+      // accesses to the three are not 4 KiB-aliased (false store-to-load dependencies)
+      const int64_t slot = kChunk * n + 64 / sizeof(T);
+      std::vector<T> scratch(3 * slot);
+      T* abuf = scratch.data();
+      T* Bc = abuf + slot;
+      T* Cc = Bc + slot;
       for (int64_t g0 = begin; g0 < end;) {
         const int64_t b = g0 / d;
         const int64_t g1 = std::min(end, (b + 1) * d);  // rows [g0, g1) share batch element b
-        const T* Bb = Bp + b * L * n;
-        const T* Cb = Cp + b * L * n;
         for (int64_t c = 0; c < nc; ++c) {
           const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
+          const T* Bk = B_rows ? Bc : Bp + b * sBb + t0 * n;
+          const T* Ck = C_rows ? Cc : Cp + b * sCb + t0 * n;
+          if (B_rows) transpose_chunk<T>(Bp + b * sBb, sBn, n, t0, t1, Bc);
+          if (C_rows) transpose_chunk<T>(Cp + b * sCb, sCn, n, t0, t1, Cc);
           for (int64_t r = g0; r < g1; ++r) {
             const int64_t di = r % d;
             T* ck = cp + r * nc * n;
@@ -476,8 +615,8 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
             }
             with_state_size(n, [&](auto nf) {
               forward_chunk<T, decltype(nf)::value>(up + r * L, dt, zp ? zp + r * L : nullptr,
-                                                    As.data(), Bb, Cb, Dp ? Dp[di] : T(0), t0, t1, n,
-                                                    op + r * L, h.data(), abuf.data());
+                                                    As.data(), Bk, Ck, Dp ? Dp[di] : T(0), t0, t1, n,
+                                                    op + r * L, h.data(), abuf);
             });
             std::copy(h.begin(), h.end(), ck + c * n);
           }
@@ -786,12 +925,28 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& dout, const at::Tensor& x, co
 }
 
 // exp(x) elementwise with the kernel's fp32 polynomial (the same inline code as its decays and gates), for
-// the accuracy tests.
-at::Tensor fast_exp(const at::Tensor& x) {
+// the accuracy tests: the generic exp2, or with `avx512` the AVX-512 one of the fp32 step loop.
+at::Tensor fast_exp(const at::Tensor& x, bool avx512) {
   check(x, "x", at::kFloat);
   auto y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (avx512) {
+#if defined(__AVX512F__)
+    const int64_t m = x.numel();
+    at::parallel_for(0, (m + 15) / 16, kMinTaskWork / 16, [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t i = 16 * v;
+        const __mmask16 lanes = m - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - i)) - 1);
+        const __m512 xs = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, xp + i), _mm512_set1_ps(Exp<float>::kScale));
+        _mm512_mask_storeu_ps(yp + i, lanes, exp2_avx512(xs));
+      }
+    });
+    return y;
+#else
+    TORCH_CHECK(false, "fast_exp: this build has no AVX-512 exp");
+#endif
+  }
   at::parallel_for(0, x.numel(), kMinTaskWork, [&](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) yp[i] = Exp<float>::apply(xp[i] * Exp<float>::kScale);
@@ -826,13 +981,27 @@ double decays_probe(int64_t count, int64_t n) {
 
 int64_t chunk_size() { return kChunk; }
 
+// True when the fp32 forward runs the AVX-512 step loop (forward_chunk_avx512) for n in {16, 32, 64}; the
+// wrapper then hands it B and C as (batch, n, L) rows (transposed per chunk, cheaper than a whole-tensor
+// copy). The generic loop ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S stage-1 shape,
+// built without AVX-512), so other builds keep that copy.
+bool avx512_step_loop() {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "fused selective scan forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "fused selective scan backward (CPU)");
   m.def("scan_steps", &scan_steps, "the forward's effective steps softplus(delta + delta_bias) (CPU)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d + SiLU forward (CPU)");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d + SiLU backward (CPU)");
-  m.def("fast_exp", &fast_exp, "exp with the kernel's fp32 polynomial (accuracy tests)");
+  m.def("fast_exp", &fast_exp, "exp with the kernel's fp32 polynomial (accuracy tests)", pybind11::arg("x"),
+        pybind11::arg("avx512") = false);
   m.def("decays_probe", &decays_probe, "throughput probe of the forward's decay loop (benchmarks)");
   m.def("chunk_size", &chunk_size, "time steps between saved states");
+  m.def("avx512_step_loop", &avx512_step_loop, "the fp32 forward runs the AVX-512 step loop (B, C read as rows)");
 }
