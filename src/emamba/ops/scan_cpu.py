@@ -154,13 +154,23 @@ def _transpose_bc(X: Tensor) -> Tensor:
     return X.transpose(1, 2).contiguous()
 
 
-def _forward_bc(ext, X: Tensor) -> Tensor:
-    # The kernel's forward takes B, C as (batch, n, L) in two layouts (see check_bc in the C++ source):
-    # rows with unit stride along L, read in place and transposed chunk by chunk (the AVX-512 step loop's
-    # choice: no whole-tensor copy; the Mamba mixer's slices of x_proj's output already have it), or a
-    # transposed view of a (batch, L, n) copy (the generic loop's choice).
-    if ext.avx512_step_loop():
-        return X if X.stride(2) == 1 else X.contiguous()
+def reads_bc_rows() -> bool:
+    """True when the forward kernel reads B, C as (batch, n, L) rows (its AVX-512 step loop is compiled).
+
+    The kernel takes two layouts (``check_bc`` in the C++ source). The AVX-512 step loop reads rows with
+    unit stride along L in place and transposes them chunk by chunk (the Mamba mixer's slices of x_proj's
+    output already have that layout, so its forward makes no copy); the generic loop runs faster on a
+    transposed view of a (batch, L, n) copy. The backward makes its own (batch, L, n) copy either way.
+    """
+    return bool(_ext().avx512_step_loop())
+
+
+def forward_bc_layout(X: Tensor, rows: bool) -> Tensor:
+    """B or C (batch, n, L) in the forward kernel's layout (see :func:`reads_bc_rows`): at most one copy."""
+    if rows:
+        return X if X.stride(2) == 1 or X.shape[2] == 1 else X.contiguous()
+    if X.stride(1) == 1 and X.stride(2) == X.shape[1]:  # already a view of (batch, L, n) memory
+        return X
     return _transpose_bc(X).transpose(1, 2)
 
 
@@ -179,7 +189,8 @@ def forward(
     """Returns (out, checkpoints) with checkpoints of shape :func:`checkpoint_shape`."""
     ext = _ext()
     return tuple(ext.scan_fwd(
-        u.contiguous(), delta.contiguous(), A.contiguous(), _forward_bc(ext, B), _forward_bc(ext, C),
+        u.contiguous(), delta.contiguous(), A.contiguous(), forward_bc_layout(B, reads_bc_rows()),
+        forward_bc_layout(C, reads_bc_rows()),
         _opt(D), _opt(z), _opt(delta_bias), bool(delta_softplus),
     ))
 

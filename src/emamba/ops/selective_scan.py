@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import scan_cpu
 from .amp import autocast_disabled
 from .scan_reference import selective_scan_reference, selective_scan_torch
 
@@ -109,6 +110,12 @@ def _resolve_backend_while_tracing(backend: str, device_type: str, dtype: torch.
     """Backend choice as a trace-time constant: dynamo runs this eagerly instead of tracing the import and
     build checks inside (which would break ``fullgraph=True`` in a fresh process)."""
     return resolve_backend(backend, torch.device(device_type), dtype)
+
+
+@torch.compiler.assume_constant_result
+def _cpu_reads_bc_rows() -> bool:
+    """Which B, C layout the CPU kernel's forward reads, as a trace-time constant (like the backend)."""
+    return scan_cpu.reads_bc_rows()
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -280,9 +287,9 @@ def selective_scan(
             return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         tensors = [t.contiguous() if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
         if name == "cpu":
-            # B and C go in as (batch, n, L) views of (batch, L, n) memory, the layout the CPU kernel streams
-            # over: one copy at most (none when the caller has that layout already), where .contiguous()
-            # followed by the kernel wrapper's transpose back made two.
-            tensors[3], tensors[4] = (X.transpose(1, 2).contiguous().transpose(1, 2) for X in (B, C))
+            # B and C in the layout the CPU kernel's forward reads (scan_cpu.forward_bc_layout), instead of
+            # .contiguous(): one copy at most, none for the Mamba mixer's slices of x_proj's output on AVX-512.
+            rows = _cpu_reads_bc_rows()
+            tensors[3], tensors[4] = scan_cpu.forward_bc_layout(B, rows), scan_cpu.forward_bc_layout(C, rows)
         y, _ = _fused_fwd(*tensors, bool(delta_softplus), name)
         return y
