@@ -30,6 +30,7 @@ measured at start-up for each state size n on cache-resident operands (``decays_
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -194,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write all results to this file")
     parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "SHAPE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.backends and "mambapy" in args.backends and importlib.util.find_spec("mambapy") is None:
+        parser.error("--backends mambapy needs the mambapy package (pip install mambapy)")
 
     if args.worker:
         print(json.dumps(worker(*args.worker, repeats=args.repeats, device=args.device)))

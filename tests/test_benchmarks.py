@@ -40,6 +40,18 @@ def test_scan_benchmark_rows_and_exp_floor(tmp_path, capsys):
     assert "exp floor" in capsys.readouterr().out
 
 
+def test_scan_benchmark_asks_for_mambapy_up_front(monkeypatch, capsys):
+    # without mambapy the pscan column cannot run: one clear error before any timing, not a traceback per shape
+    bench = load_benchmark("scan")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mambapy" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--shapes", "ts", "--backends", "cpu", "mambapy", "--modes", "fwd"])
+    assert exc.value.code == 2
+    assert "pip install mambapy" in capsys.readouterr().err
+
+
 def test_module_threads_counts_every_call(tmp_path, capsys):
     bench = load_benchmark("module_threads")
     out = tmp_path / "threads.json"

@@ -285,11 +285,15 @@ def selective_scan(
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
             return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        tensors = [t.contiguous() if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
+        u, delta, A, D, z, delta_bias = (
+            t.contiguous() if t is not None else None for t in (u, delta, A, D, z, delta_bias)
+        )
         if name == "cpu":
-            # B and C in the layout the CPU kernel's forward reads (scan_cpu.forward_bc_layout), instead of
+            # B and C in the layout the CPU kernel's forward reads (scan_cpu.forward_bc_layout), not
             # .contiguous(): one copy at most, none for the Mamba mixer's slices of x_proj's output on AVX-512.
             rows = _cpu_reads_bc_rows()
-            tensors[3], tensors[4] = scan_cpu.forward_bc_layout(B, rows), scan_cpu.forward_bc_layout(C, rows)
-        y, _ = _fused_fwd(*tensors, bool(delta_softplus), name)
+            B, C = scan_cpu.forward_bc_layout(B, rows), scan_cpu.forward_bc_layout(C, rows)
+        else:
+            B, C = B.contiguous(), C.contiguous()
+        y, _ = _fused_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), name)
         return y
