@@ -9,6 +9,11 @@ Builds both files with the flags `emamba.ops.scan_cpu` uses, runs their raw `sca
 the same inputs at the EMamba-S stage shapes and the forecasting shape, alternating the order each round,
 and prints the medians, the median of the per-round old/new ratios (with their range) and the largest
 relative difference of the outputs (forward: out; backward: dC, which depends on the recomputed states).
+
+B and C start as (batch, n, L) rows, the layout the Mamba mixer produces, and each forward gets them the
+way `emamba.ops.scan_cpu` hands them to that source: read in place by a build whose `avx512_step_loop()`
+is true, otherwise copied to (batch, L, n) inside the timed call (sources that predate the two layouts take
+that copy as a plain tensor). The backward always gets the (batch, L, n) copy, made outside the timing.
 """
 
 from __future__ import annotations
@@ -27,10 +32,22 @@ from emamba.ops.scan_cpu import _ATTEMPTS
 SHAPES = [(8, 3136, 128, 64), (8, 784, 256, 64), (8, 196, 640, 64), (32, 96, 256, 16)]
 
 
-def build(path: str):
+def build(path: str, extra_cflags: list[str]):
     _, cflags, ldflags = _ATTEMPTS[0]
-    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+    cflags = cflags + extra_cflags
+    digest = hashlib.sha1(Path(path).read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
     return load(name=f"emamba_scan_ab_{digest}", sources=[path], extra_cflags=cflags, extra_ldflags=ldflags)
+
+
+def _forward_call(module, u, delta, A, B, C, D, z, bias):
+    """module.scan_fwd with B, C (batch, n, L) prepared as the Python wrapper prepares them for it."""
+    if getattr(module, "avx512_step_loop", lambda: False)():
+        return lambda: module.scan_fwd(u, delta, A, B, C, D, z, bias, True)
+    if hasattr(module, "avx512_step_loop"):  # two-layout source, generic build: a transposed view of the copy
+        return lambda: module.scan_fwd(u, delta, A, B.transpose(1, 2).contiguous().transpose(1, 2),
+                                       C.transpose(1, 2).contiguous().transpose(1, 2), D, z, bias, True)
+    return lambda: module.scan_fwd(u, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                                   D, z, bias, True)
 
 
 def main() -> None:
@@ -40,22 +57,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--mode", choices=["fwd", "bwd"], default="fwd")
+    p.add_argument("--extra-cflags", nargs="*", default=[],
+                   help="added to both builds, e.g. -mno-avx512f to time what an AVX2-only CPU runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    mods = {"old": build(args.old), "new": build(args.new)}
+    mods = {"old": build(args.old, args.extra_cflags), "new": build(args.new, args.extra_cflags)}
     # one thread: process CPU time (robust to other jobs); more: wall clock
     clock = time.process_time if args.threads == 1 else time.perf_counter
     for b, L, d, n in SHAPES:
         u, z = torch.randn(b, d, L), torch.randn(b, d, L)
         delta = torch.randn(b, d, L) * 0.5 - 1
         A = -torch.rand(d, n) * 4 - 0.1
-        Bt, Ct = torch.randn(b, L, n), torch.randn(b, L, n)
+        B, C = torch.randn(b, n, L), torch.randn(b, n, L)
+        Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
         D, bias = torch.randn(d), torch.randn(d) * 0.1
-        fwd_args = (u, delta, A, Bt, Ct, D, z, bias, True)
-        fwd = {k: m.scan_fwd(*fwd_args) for k, m in mods.items()}  # also the warm-up of the forward
+        fwd_calls = {k: _forward_call(m, u, delta, A, B, C, D, z, bias) for k, m in mods.items()}
+        fwd = {k: call() for k, call in fwd_calls.items()}  # also the warm-up of the forward
         if args.mode == "fwd":
-            calls = {k: (lambda m=m: m.scan_fwd(*fwd_args)) for k, m in mods.items()}
+            calls = fwd_calls
             outs = {k: fwd[k][0] for k in mods}
         else:
             dout = torch.randn_like(u)
