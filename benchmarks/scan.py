@@ -33,7 +33,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -220,7 +219,15 @@ def main(argv=None) -> int:
     # decay exps per second for each state size n in the run (CPU kernel only; see exp_throughput)
     rates = {n: exp_throughput(n) for n in sorted({SHAPES[s][3] for s in args.shapes})} if args.device == "cpu" else {}
     exp_rates = {n: r for n, r in rates.items() if r}
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    if args.device == "cuda":
+        device_name = torch.cuda.get_device_name()
+    else:
+        from emamba.benchmark import cpu_model
+        from emamba.ops import scan_cpu
+
+        device_name = cpu_model()
+        if scan_cpu.is_available()[0]:  # the fused kernel's code path sets its speed (README, Performance)
+            device_name += f", {scan_cpu.kernel_variant()} scan kernel"
     print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"GEMM {peaks['flops_per_s'] / 1e9:.1f} GFLOP/s, copy {peaks['bytes_per_s'] / 1e9:.1f} GB/s, "
           + "".join(f"decay exps (n={n}) {r / 1e9:.2f} G/s, " for n, r in exp_rates.items())

@@ -11,6 +11,7 @@ import torch
 
 from emamba import cli
 from emamba.flops import model_flops
+from emamba.ops import scan_cpu
 
 # The paper's GMACs at 224 (Linear + Conv MACs): ours are within 0.5% (see README, "FLOPs").
 PAPER_GMACS = {"emamba_s": 2.45, "emamba_b": 4.19, "emamba_l": 7.58}
@@ -108,13 +109,19 @@ def test_benchmark_json_last_line(capsys, bench):
     row = last_json(capsys.readouterr().out)
     assert {"samples_per_sec", "step_ms", "peak_mem_mb", "backend", "params", "gmacs_paper"} <= set(row)
     assert row["samples_per_sec"] > 0 and row["backend"] in ("cpu", "torch")
+    assert row["cpu_model"]
+    if row["backend"] == "cpu":  # the fused kernel's code path is recorded: speeds differ between the two
+        assert row["scan_kernel"] == scan_cpu.kernel_variant() and row["scan_kernel"] in ("avx512", "generic")
+    else:
+        assert row["scan_kernel"] is None
 
 
 def test_benchmark_reference_backend_and_amp(capsys):
     argv = ["benchmark", "--model", "emamba_tiny", "--bench", "train", "--batch-size", "2", "--img-size", "32",
             "--backend", "reference", "--amp", "bf16", "--num-warm-iter", "1", "--num-bench-iter", "1", "--json"]
     assert cli.main(argv) == 0
-    assert last_json(capsys.readouterr().out)["backend"] == "reference"
+    row = last_json(capsys.readouterr().out)
+    assert row["backend"] == "reference" and row["scan_kernel"] is None
 
 
 def test_benchmark_rejects_bad_sizes():

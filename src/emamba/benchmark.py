@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -58,6 +59,26 @@ def train_loss(out, target: torch.Tensor) -> torch.Tensor:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (ratios measured on this project's VMs depend on it)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _scan_kernel(backend: str) -> Optional[str]:
+    if backend != "cpu":
+        return None
+    from emamba.ops import scan_cpu
+
+    return scan_cpu.kernel_variant()
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -132,6 +153,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "model": args.model,
         "bench": args.bench,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "img_size": args.img_size,
@@ -139,6 +161,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "backend": backend,
+        # the fused CPU scan's code path ("avx512" or "generic"), which sets its speed; None for other backends
+        "scan_kernel": _scan_kernel(backend),
         "samples_per_sec": args.batch_size / step_s,
         "step_ms": step_s * 1e3,
         "step_ms_all": [t * 1e3 for t in times],
@@ -155,7 +179,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("emamba benchmark: --num-bench-iter must be at least 1")
     result = run_benchmark(args)
     print(f"{result['model']} {result['bench']} on {result['device']} ({result['threads']} threads), "
-          f"batch {result['batch_size']} @ {result['img_size']}px, backend {result['backend']}, "
+          f"batch {result['batch_size']} @ {result['img_size']}px, backend {result['backend']}"
+          f"{' (' + result['scan_kernel'] + ' kernel)' if result['scan_kernel'] else ''}, "
           f"amp {result['amp'] or 'off'}, compile {result['compile']}")
     print(f"  {result['samples_per_sec']:.2f} samples/s, {result['step_ms']:.1f} ms/step (median of "
           f"{args.num_bench_iter}), peak memory {result['peak_mem_mb']:.0f} MB, "

@@ -165,6 +165,14 @@ def reads_bc_rows() -> bool:
     return bool(_ext().avx512_step_loop())
 
 
+def kernel_variant() -> str:
+    """Which fp32 forward this build runs: ``"avx512"`` (the hand-vectorised step loop) or ``"generic"``.
+
+    Speeds differ between the two (README, Performance), so benchmark rows record it.
+    """
+    return "avx512" if reads_bc_rows() else "generic"
+
+
 def forward_bc_layout(X: Tensor, rows: bool) -> Tensor:
     """B or C (batch, n, L) in the forward kernel's layout (see :func:`reads_bc_rows`): at most one copy."""
     if rows:
