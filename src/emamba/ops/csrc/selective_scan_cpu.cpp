@@ -176,9 +176,6 @@ inline void with_state_size(int64_t n, Fn&& fn) {
   with_constant<8, 16, 32, 64>(n, std::forward<Fn>(fn));
 }
 
-// Decays exp(dt_t * A) for steps [t0, t1) into abuf ((t1 - t0, n)). A separate pass over the whole chunk
-// (no loop-carried dependency, no reduction) lets the core overlap many independent exp evaluations;
-// fused into the recurrence loop it runs measurably slower.
 #if defined(__AVX512F__)
 // 16 decays 2^x at once, bit-identical to Exp<float>::exp2 wherever that returns a normal number or 0
 // (the same rounding of k, the same r and the same Horner FMAs). Two AVX-512 instructions replace its
@@ -200,6 +197,10 @@ static inline __attribute__((always_inline)) __m512 exp2_avx512(__m512 x) {
 }
 #endif
 
+// Decays exp(dt_t * A) for steps [t0, t1) into abuf ((t1 - t0, n)). A separate pass over the whole chunk
+// (no loop-carried dependency, no reduction) lets the core overlap many independent exp evaluations;
+// fused into the generic recurrence loop it runs measurably slower (the AVX-512 forward fuses them: see
+// forward_chunk_avx512). Used by the backward's recompute, the generic forward and decays_probe.
 template <typename T>
 inline void chunk_decays(const T* __restrict dt, const T* __restrict As, int64_t t0, int64_t t1, int64_t n,
                          T* __restrict abuf) {
