@@ -196,9 +196,9 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out, checkpoints) with checkpoints of shape :func:`checkpoint_shape`."""
     ext = _ext()
+    rows = reads_bc_rows()
     return tuple(ext.scan_fwd(
-        u.contiguous(), delta.contiguous(), A.contiguous(), forward_bc_layout(B, reads_bc_rows()),
-        forward_bc_layout(C, reads_bc_rows()),
+        u.contiguous(), delta.contiguous(), A.contiguous(), forward_bc_layout(B, rows), forward_bc_layout(C, rows),
         _opt(D), _opt(z), _opt(delta_bias), bool(delta_softplus),
     ))
 

@@ -44,6 +44,11 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+// The fp32 forward's AVX-512 step loop (forward_chunk_avx512) needs AVX512F and AVX512DQ. One definition for
+// the loop, its dispatch and avx512_step_loop(), which tells the wrapper which B/C layout to hand over.
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define EMAMBA_AVX512_STEP_LOOP 1
+#endif
 
 namespace {
 
@@ -243,7 +248,7 @@ inline __attribute__((always_inline)) T tree_sum(T* __restrict v) {
 //   u, dt, z, out: the row of the (batch, d, L) tensors (z may be null); As: A[d] * Exp<T>::kScale;
 //   Bt, Ct: steps [t0, t1) of B, C as (t1 - t0, n) (see transpose_chunk); abuf: kChunk * n scratch.
 // ---------------------------------------------------------------------------------------------------
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#ifdef EMAMBA_AVX512_STEP_LOOP
 // tree_sum<float, NF>(c * h) for NF in {16, 32, 64} held in NF / 16 vectors, in the same order of additions
 // (so the sum is bit-identical to the generic loop's, which the backward's recompute uses).
 template <int NF>
@@ -303,7 +308,7 @@ inline void forward_chunk(const T* __restrict u, const T* __restrict dt, const T
                           int64_t t0, int64_t t1, int64_t n_rt, T* __restrict out, T* __restrict h,
                           T* __restrict abuf) {
   const int64_t n = NF > 0 ? NF : n_rt;
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#ifdef EMAMBA_AVX512_STEP_LOOP
   if constexpr (std::is_same_v<T, float> && NF >= 16) {
     forward_chunk_avx512<NF>(u, dt, z, As, Bt, Ct, Dd, t0, t1, out, h);
     return;
@@ -510,10 +515,14 @@ inline void backward_chunk(const T* __restrict u, const T* __restrict dt, const 
   *dD_row += dD_acc;
 }
 
-void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+void check_cpu_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+}
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  check_cpu_dtype(t, name, dtype);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 // B or C as the forward reads it, (batch, n, L) in one of two layouts; returns true for the first:
@@ -521,8 +530,7 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
 //    output): copied chunk by chunk into a (kChunk, n) buffer (transpose_chunk), no whole-tensor copy;
 //  * steps: unit stride along n, stride n along L (a transposed view of (batch, L, n) memory): read in place.
 bool check_bc(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t batch, int64_t n, int64_t L) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  check_cpu_dtype(t, name, dtype);
   TORCH_CHECK(t.dim() == 3 && t.size(0) == batch && t.size(1) == n && t.size(2) == L, name,
               " must be (batch, n, L) = (", batch, ", ", n, ", ", L, "), got ", t.sizes());
   const bool steps = (t.stride(1) == 1 || n == 1) && (t.stride(2) == n || L == 1);
@@ -585,23 +593,18 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     // which is exactly what the backward needs.
     const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, L * n));
     at::parallel_for(0, batch * d, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> h(n), As(n), dt_row(raw_steps ? 0 : L);
-      // decays, B and C of the chunk, each (kChunk, n), staggered by a cache line so that same-index
-      // accesses to the three are not 4 KiB-aliased (false store-to-load dependencies)
-      const int64_t slot = kChunk * n + 64 / sizeof(T);
-      std::vector<T> scratch(3 * slot);
-      T* abuf = scratch.data();
-      T* Bc = abuf + slot;
-      T* Cc = Bc + slot;
+      // decays of the chunk (generic loop), and B, C of the chunk when they come as rows: (kChunk, n) each
+      std::vector<T> h(n), As(n), dt_row(raw_steps ? 0 : L), abuf(kChunk * n);
+      std::vector<T> Bc(B_rows ? kChunk * n : 0), Cc(C_rows ? kChunk * n : 0);
       for (int64_t g0 = begin; g0 < end;) {
         const int64_t b = g0 / d;
         const int64_t g1 = std::min(end, (b + 1) * d);  // rows [g0, g1) share batch element b
         for (int64_t c = 0; c < nc; ++c) {
           const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
-          const T* Bk = B_rows ? Bc : Bp + b * sBb + t0 * n;
-          const T* Ck = C_rows ? Cc : Cp + b * sCb + t0 * n;
-          if (B_rows) transpose_chunk<T>(Bp + b * sBb, sBn, n, t0, t1, Bc);
-          if (C_rows) transpose_chunk<T>(Cp + b * sCb, sCn, n, t0, t1, Cc);
+          const T* Bk = B_rows ? Bc.data() : Bp + b * sBb + t0 * n;
+          const T* Ck = C_rows ? Cc.data() : Cp + b * sCb + t0 * n;
+          if (B_rows) transpose_chunk<T>(Bp + b * sBb, sBn, n, t0, t1, Bc.data());
+          if (C_rows) transpose_chunk<T>(Cp + b * sCb, sCn, n, t0, t1, Cc.data());
           for (int64_t r = g0; r < g1; ++r) {
             const int64_t di = r % d;
             T* ck = cp + r * nc * n;
@@ -617,7 +620,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
             with_state_size(n, [&](auto nf) {
               forward_chunk<T, decltype(nf)::value>(up + r * L, dt, zp ? zp + r * L : nullptr,
                                                     As.data(), Bk, Ck, Dp ? Dp[di] : T(0), t0, t1, n,
-                                                    op + r * L, h.data(), abuf);
+                                                    op + r * L, h.data(), abuf.data());
             });
             std::copy(h.begin(), h.end(), ck + c * n);
           }
@@ -987,7 +990,7 @@ int64_t chunk_size() { return kChunk; }
 // copy). The generic loop ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S stage-1 shape,
 // built without AVX-512), so other builds keep that copy.
 bool avx512_step_loop() {
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#ifdef EMAMBA_AVX512_STEP_LOOP
   return true;
 #else
   return false;
