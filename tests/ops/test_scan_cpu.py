@@ -187,9 +187,10 @@ def test_is_available_cached_and_never_raises():
     assert first[0] is True and isinstance(first[1], str)
 
 
-def test_extreme_decays_stay_finite():
+@pytest.mark.parametrize("d,n", [(2, 4), (16, 16)], ids=["per-row", "tiled"])
+def test_extreme_decays_stay_finite(d, n):
     # Very large steps drive exp(dt*A) far below the fp32 range: the vectorised exp must give 0, not NaN.
-    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(1, 2, CHUNK + 1, 4, torch.float32, seed=9))
+    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(1, d, CHUNK + 1, n, torch.float32, seed=9))
     delta = delta.clone()
     delta[..., ::3] = 200.0  # softplus(200) = 200; dt*A down to ~ -1000
     out, _ = scan_cpu.forward(u, delta, A, B, C, D, z, bias, True)
@@ -312,3 +313,89 @@ def test_generic_build_matches_avx512_build(generic_ext, n):
     assert rel_err(results["generic"][0], ref) < 1e-4
     for a, b in zip(results["generic"], results["avx512"]):
         assert rel_err(a, b.double()) < 1e-5
+
+
+# ---- the tiled AVX-512 forward (16 channels per tile, one per SIMD lane): d a multiple of 16, n of 16 ----
+
+def _require_tiled():
+    _require_avx512()
+    if not scan_cpu._ext().tiled_forward(16, 16):
+        pytest.skip("this build of the kernel has no tiled forward")
+
+
+@pytest.mark.parametrize("with_D,with_z,with_bias,softplus", FLAGS)
+def test_tiled_forward_all_options(with_D, with_z, with_bias, softplus):
+    """Values and gradients through the entry point, which hands the tiled loop B, C as (batch, L, n)."""
+    _require_tiled()
+    inputs = cpu_inputs(2, 32, 2 * CHUNK + 5, 16, D=with_D, z=with_z, delta_bias=with_bias, softplus=softplus,
+                        seed=13)
+    check_against_reference(inputs, softplus, 1e-4)
+
+
+@pytest.mark.parametrize("n", [16, 32, 64, 128])
+def test_tiled_forward_state_sizes(n):
+    _require_tiled()
+    check_against_reference(cpu_inputs(1, 16, CHUNK + 9, n, seed=n), True, 1e-4)
+
+
+@pytest.mark.parametrize("L", [1, 15, 17, CHUNK, 3 * CHUNK + 1])
+def test_tiled_forward_lengths(L):
+    # short chunks: the last 16-step block of a chunk is partly past its end
+    _require_tiled()
+    check_against_reference(cpu_inputs(2, 16, L, 16, seed=L), True, 1e-4)
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_tiled_and_per_row_forward_agree(n):
+    """The same scan by the tiled loop (B, C as (batch, L, n)) and the per-row loop (B, C as rows): the states,
+    hence the checkpoints the backward starts from, are bit-identical; y = C.h is summed in another order,
+    so the outputs agree to fp32 rounding. Neither depends on the thread count."""
+    _require_tiled()
+    ext = scan_cpu._ext()
+    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(3, 48, 2 * CHUNK + 9, n, seed=14))
+    B_steps, C_steps = (X.transpose(1, 2).contiguous().transpose(1, 2) for X in (B, C))
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            runs.append(ext.scan_fwd(u, delta, A, B_steps, C_steps, D, z, bias, True))
+        per_row = ext.scan_fwd(u, delta, A, B, C, D, z, bias, True)
+    finally:
+        torch.set_num_threads(before)
+    (tiled, ck_tiled), (tiled2, ck_tiled2) = runs
+    assert torch.equal(tiled, tiled2) and torch.equal(ck_tiled, ck_tiled2)
+    assert torch.equal(ck_tiled, per_row[1])
+    assert rel_err(tiled, per_row[0].double()) < 1e-6
+    ref = selective_scan_reference(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
+    assert rel_err(tiled, ref) < 1e-4
+
+
+def test_reads_bc_rows_mirrors_kernel():
+    """scan_cpu.reads_bc_rows (plain Python, so torch.compile can trace it) names the layout in which the
+    kernel runs its fastest loop: rows exactly where the kernel would not run the tiled one."""
+    ext = scan_cpu._ext()
+    avx512 = bool(ext.avx512_step_loop())
+    for d, n in itertools.product([1, 8, 15, 16, 24, 32, 48, 640], [1, 8, 15, 16, 24, 32, 64, 128]):
+        assert scan_cpu.reads_bc_rows(d, n) == (avx512 and not ext.tiled_forward(d, n)), (d, n)
+        assert scan_cpu.reads_bc_rows(d, n, avx512=False) is False
+
+
+def test_portable_build_fallback_warns(monkeypatch):
+    """When the tuned (-march=native, OpenMP) build fails, the portable one is used and the user is told why."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    class Portable:
+        @staticmethod
+        def chunk_size():
+            return CHUNK
+
+    def fake_load(name, **kwargs):
+        if "-march=native" in kwargs["extra_cflags"]:
+            raise RuntimeError("error: unrecognized command-line option '-march=native'")
+        return Portable()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(scan_cpu, "_module", None)
+    with pytest.warns(RuntimeWarning, match=r"portable CPU scan build.*unrecognized command-line option"):
+        assert isinstance(scan_cpu._load(), Portable)

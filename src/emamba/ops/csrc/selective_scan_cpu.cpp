@@ -10,16 +10,19 @@
 //    kChunk*n buffer (it stays in L1/L2) and runs the reverse recurrence for dh over it.
 //  * Layout. For a fixed (b, d) we stream over t; B and C are (batch, n, L), so their columns for one t
 //    are strided by L. The inner loops over the state dimension n want them contiguous: the backward (and
-//    the forward's generic loop) get B and C transposed to (batch, L, n) by the wrapper (an O(batch*L*n)
-//    copy); the forward's AVX-512 loop reads the (batch, n, L) rows and transposes one chunk at a time into
-//    a small buffer shared by the rows of a batch element (see check_bc).
+//    the forward's generic and tiled loops) get B and C transposed to (batch, L, n) by the wrapper (an
+//    O(batch*L*n) copy, which the backward then reuses); the forward's per-row AVX-512 loop reads the
+//    (batch, n, L) rows and transposes one chunk at a time into a small buffer shared by the rows of a
+//    batch element (see check_bc).
 //  * Chunk-major order. A task advances all of its rows (same batch element) through chunk c before
 //    moving to chunk c+1 (backward: c-1), so the kChunk*n slices of B, C (and of the dB/dC accumulators)
 //    are loaded from memory once per chunk and reused from cache by every row.
 //  * exp(dt*A) per (t, n) is the dominant cost: see Exp<float> (vectorised polynomial); computed in its
 //    own loop over the chunk, where the exps are independent and overlap well. With AVX-512 the fp32
-//    forward instead runs a hand-vectorised step loop (forward_chunk_avx512): the state in zmm registers,
-//    the exps (two AVX-512 instructions shorter, exp2_avx512) computed in the step loop itself.
+//    forward instead runs a hand-vectorised step loop, the exps (two AVX-512 instructions shorter,
+//    exp2_avx512) computed in the step loop itself: over tiles of 16 channels, one per zmm lane
+//    (forward_tiles_avx512: no horizontal sums; every EMamba shape), else row by row with the state in
+//    zmm registers (forward_chunk_avx512).
 //  * Elementwise work on (b, d, t) is fused here per chunk: the silu(z) gate and its derivative, and in the
 //    forward the step prologue dt = softplus(delta + delta_bias) (see Softplus<float>). The backward takes
 //    the effective step from the Python wrapper, which also chains the gradient through softplus with ATen.
@@ -300,6 +303,92 @@ inline void forward_chunk_avx512(const float* __restrict u, const float* __restr
     for (int64_t t = t0; t < t1; ++t) out[t] *= z[t] * Exp<float>::sigmoid(z[t]);
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The fp32 AVX-512 forward over tiles of kTileRows = 16 rows: channels d0 .. d0 + 15 of one batch element,
+// one zmm lane per channel. The per-row loop above holds one row's state across the lanes, so every step
+// ends in a horizontal sum (y_t = C_t . h_t) of ~9 shuffles and adds: at n = 16 that is as much work as
+// the step itself, at n = 64 about 15%. With the lanes across channels, C_t . h_t is a plain FMA chain
+// over the state index, B_t[k] and C_t[k] (shared by the 16 channels) are one broadcast load each, and
+// the state is G zmm registers per pass over the chunk (G state indices at a time; the passes are
+// independent: each index has its own recurrence). G = 8: with 16 the loop ran out of registers (1.14x
+// slower at stage 1), 4 measured the same as 8. h_t and the checkpoints are bit-identical to the
+// per-row loop (same exp, same products, same FMA); y sums C_t[k] h_t[k] in a different order:
+//   acc_j = C_j h_j, then acc_j = fma(C_{j+4i}, h_{j+4i}, acc_j) for i = 1 .. G/4 - 1 (j = 0 .. 3),
+//   y_pass = (acc_0 + acc_1) + (acc_2 + acc_3), y = y_pass(0) + y_pass(1) + ... in pass order,
+// so y differs from the backward's recompute (tree_sum, used only for dz) by fp32 rounding.
+// ---------------------------------------------------------------------------------------------------
+constexpr int64_t kTileRows = 16;
+
+// dst[c * ds + r] = src[r * ss + c] for r, c < 16, in 56 shuffles: 4 x 4 transposes inside the 128-bit
+// lanes (two rounds of unpacks), then the 4 x 4 transpose of the lanes themselves. Moves the tile's rows
+// (one per channel, along t) to and from the (t, 16) layout of the step loop, and the state to checkpoints.
+static inline __attribute__((always_inline)) void transpose16(const float* __restrict src, int64_t ss,
+                                                              float* __restrict dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + e], 128-bit lane q: column 4 q + e of rows i .. i + 3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 2]);
+    const __m512d c = _mm512_castps_pd(t[i + 1]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int e = 0; e < 4; ++e) {  // column 4 q + e = lane q of r[e], r[4 + e], r[8 + e], r[12 + e]
+    const __m512 x0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x44), x1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xEE);
+    const __m512 x2 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x44);
+    const __m512 x3 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xEE);
+    _mm512_storeu_ps(dst + e * ds, _mm512_shuffle_f32x4(x0, x2, 0x88));
+    _mm512_storeu_ps(dst + (4 + e) * ds, _mm512_shuffle_f32x4(x0, x2, 0xDD));
+    _mm512_storeu_ps(dst + (8 + e) * ds, _mm512_shuffle_f32x4(x1, x3, 0x88));
+    _mm512_storeu_ps(dst + (12 + e) * ds, _mm512_shuffle_f32x4(x1, x3, 0xDD));
+  }
+}
+// Whether scan_fwd runs forward_tiles_avx512 (else the per-row loop) for these sizes.
+inline bool tiled_forward(int64_t d, int64_t n) { return d % kTileRows == 0 && n % 16 == 0; }
+
+// Steps [t0, t1) of one tile. DT, DTU: (t1 - t0, 16) steps dt and dt * u; At: (n, 16) A * log2(e);
+// Bb, Cb: B and C of the tile's batch element in the (batch, L, n) layout, element (k, t) at
+// Bb[t * sBt + k]: the G values of a pass are then at fixed offsets from one pointer (with (batch, n, L)
+// rows each would need its own address register: the loop ran out of them and reloaded from the stack);
+// H: (n, 16) state, in and out; Y: (t1 - t0, 16) output C_t . h_t.
+template <int G>
+inline void forward_tile_avx512(const float* __restrict DT, const float* __restrict DTU,
+                                const float* __restrict At, const float* __restrict Bb, int64_t sBt,
+                                const float* __restrict Cb, int64_t sCt, int64_t t0, int64_t t1, int64_t n,
+                                float* __restrict H, float* __restrict Y) {
+  static_assert(G % 4 == 0, "four accumulators of C.h");
+  for (int64_t g = 0; g < n; g += G) {
+    __m512 hv[G];
+    for (int j = 0; j < G; ++j) hv[j] = _mm512_loadu_ps(H + (g + j) * kTileRows);
+    const float* __restrict Ag = At + g * kTileRows;
+    const float* __restrict Bg = Bb + g;
+    const float* __restrict Cg = Cb + g;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t - t0;
+      const __m512 dtv = _mm512_loadu_ps(DT + i * kTileRows);
+      const __m512 duv = _mm512_loadu_ps(DTU + i * kTileRows);
+      const float* __restrict bt = Bg + t * sBt;
+      const float* __restrict ct = Cg + t * sCt;
+      __m512 acc[4];
+      for (int j = 0; j < G; ++j) {
+        const __m512 a = exp2_avx512(_mm512_mul_ps(dtv, _mm512_loadu_ps(Ag + j * kTileRows)));
+        hv[j] = _mm512_fmadd_ps(a, hv[j], _mm512_mul_ps(duv, _mm512_set1_ps(bt[j])));
+        const __m512 c = _mm512_set1_ps(ct[j]);
+        acc[j % 4] = j < 4 ? _mm512_mul_ps(c, hv[j]) : _mm512_fmadd_ps(c, hv[j], acc[j % 4]);
+      }
+      const __m512 y = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+      float* __restrict yr = Y + i * kTileRows;
+      _mm512_storeu_ps(yr, g == 0 ? y : _mm512_add_ps(_mm512_loadu_ps(yr), y));
+    }
+    for (int j = 0; j < G; ++j) _mm512_storeu_ps(H + (g + j) * kTileRows, hv[j]);
+  }
+}
 #endif
 
 template <typename T, int NF>
@@ -434,7 +523,7 @@ inline void backward_chunk(const T* __restrict u, const T* __restrict dt, const 
     if (z) {
       const T* __restrict cc = Ct + t * n;
       if constexpr (NF >= 16) {
-        T prod[NF];  // the forward's tree sum: y = C.h recomputed bit-identically to the forward's
+        T prod[NF];  // the per-row forward's tree sum (the tiled forward's y differs by fp32 rounding)
 #pragma omp simd
         for (int k = 0; k < NF; ++k) {
           const T hk = ar[k] * prev[k] + dut * b[k];
@@ -551,6 +640,115 @@ inline void transpose_chunk(const T* __restrict src, int64_t sn, int64_t n, int6
   }
 }
 
+#ifdef EMAMBA_AVX512_STEP_LOOP
+// scan_fwd for fp32 when d is a multiple of kTileRows and n of 16, B and C in the (batch, L, n) layout:
+// forward_tile_avx512 over tiles of 16 channels. As in the per-row forward, a task's tiles of one batch
+// element advance chunk by chunk together (the chunk's B and C stay in cache for all of them), each with
+// its scaled A and running state in (n, 16) buffers. Per tile and chunk: the 16 rows' steps and dt * u
+// are computed row by row and transposed to (len, 16) in 16 x 16 blocks (transpose16), and y comes back
+// the same way for y + D u and the silu(z) gate; the state goes to its 16 checkpoints by transpose16 too.
+// (A template only so that scan_fwd's dispatch compiles for fp64 too; the body exists for fp32 alone.)
+template <typename T>
+void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp, int64_t sBb, int64_t sBt,
+                          const T* Cp, int64_t sCb, int64_t sCt, const T* Dp, const T* zp, const T* biasp,
+                          bool softplus, int64_t batch, int64_t d, int64_t L, int64_t n, T* op, T* cp) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t R = kTileRows;
+    const int64_t nc = num_chunks(L), tiles_per_batch = d / R;
+    const bool raw_steps = !biasp && !softplus;
+    const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, R * L * n));
+    at::parallel_for(0, batch * tiles_per_batch, grain, [&](int64_t begin, int64_t end) {
+      // Row-major (16, kChunk) buffers for dt and dt * u (then y), and their (kChunk, 16) transposes. Zeroed
+      // once: the last 16-step block of a short chunk transposes columns past its end (never read back).
+      std::vector<float> dt_row(raw_steps ? 0 : L), rows(2 * R * kChunk, 0.0f), DT(kChunk * R, 0.0f),
+          DTU(kChunk * R, 0.0f), Y(kChunk * R, 0.0f);
+      float* __restrict row_dt = rows.data();
+      float* __restrict row_dtu = rows.data() + R * kChunk;
+      const int64_t max_tiles = std::min(end - begin, tiles_per_batch);
+      std::vector<float> At(max_tiles * n * R), H(max_tiles * n * R);  // per tile of the batch element
+
+      // Prefetch the rows of the tile-chunk that follows: 16 rows L apart are more streams than the
+      // hardware prefetcher follows, and the first reads of delta, u and z used to stall on memory.
+      auto prefetch_rows = [&](int64_t r0, int64_t t0) {
+        if (t0 >= L) return;
+        for (int64_t lane = 0; lane < R; ++lane) {
+          const int64_t at = (r0 + lane) * L + t0;
+          for (int64_t t = 0; t < std::min(kChunk, L - t0); t += 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(deltap + at + t), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(up + at + t), _MM_HINT_T0);
+            if (zp) _mm_prefetch(reinterpret_cast<const char*>(zp + at + t), _MM_HINT_T0);
+          }
+        }
+      };
+
+      // Steps [t0, t1) of the tile at rows r0 .. r0 + 15 (channels d0 .. d0 + 15 of batch element b).
+      auto run_tile_chunk = [&](int64_t b, int64_t r0, int64_t c, float* at, float* h) {
+        const int64_t d0 = r0 % d, t0 = c * kChunk, t1 = std::min(L, t0 + kChunk), len = t1 - t0;
+        for (int64_t lane = 0; lane < R; ++lane) {
+          const float* __restrict dt = deltap + (r0 + lane) * L;
+          if (!raw_steps) {
+            effective_steps<float>(dt, biasp ? biasp[d0 + lane] : 0.0f, softplus, t0, t1, dt_row.data());
+            dt = dt_row.data();
+          }
+          const float* __restrict u = up + (r0 + lane) * L;
+          float* __restrict rd = row_dt + lane * kChunk;
+          float* __restrict ru = row_dtu + lane * kChunk;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) {
+            rd[i] = dt[t0 + i];
+            ru[i] = dt[t0 + i] * u[t0 + i];
+          }
+        }
+        for (int64_t i = 0; i < len; i += 16) {
+          transpose16(row_dt + i, kChunk, DT.data() + i * R, R);
+          transpose16(row_dtu + i, kChunk, DTU.data() + i * R, R);
+        }
+        forward_tile_avx512<8>(DT.data(), DTU.data(), at, Bp + b * sBb, sBt, Cp + b * sCb, sCt, t0, t1, n, h,
+                               Y.data());
+        float* __restrict row_y = row_dt;  // (16, kChunk): y of each channel
+        for (int64_t i = 0; i < len; i += 16) transpose16(Y.data() + i * R, R, row_y + i, kChunk);
+        for (int64_t lane = 0; lane < R; ++lane) {
+          const float Dd = Dp ? Dp[d0 + lane] : 0.0f;
+          const float* __restrict u = up + (r0 + lane) * L;
+          const float* __restrict yr = row_y + lane * kChunk;
+          float* __restrict out = op + (r0 + lane) * L;
+          if (zp) {
+            const float* __restrict z = zp + (r0 + lane) * L;
+#pragma omp simd
+            for (int64_t t = t0; t < t1; ++t) out[t] = (yr[t - t0] + Dd * u[t]) * (z[t] * Exp<float>::sigmoid(z[t]));
+          } else {
+#pragma omp simd
+            for (int64_t t = t0; t < t1; ++t) out[t] = yr[t - t0] + Dd * u[t];
+          }
+        }
+        for (int64_t k = 0; k < n; k += 16)  // the state after the chunk: the 16 rows' checkpoints
+          transpose16(h + k * R, R, cp + (r0 * nc + c) * n + k, nc * n);
+      };
+
+      for (int64_t g0 = begin; g0 < end;) {
+        const int64_t b = g0 / tiles_per_batch;
+        const int64_t g1 = std::min(end, (b + 1) * tiles_per_batch);  // tiles [g0, g1) share batch element b
+        for (int64_t tile = g0; tile < g1; ++tile) {
+          const int64_t d0 = (tile * R) % d;
+          float* __restrict at = At.data() + (tile - g0) * n * R;
+          for (int64_t lane = 0; lane < R; ++lane)
+            for (int64_t k = 0; k < n; ++k) at[k * R + lane] = Ap[(d0 + lane) * n + k] * Exp<float>::kScale;
+        }
+        std::fill(H.begin(), H.end(), 0.0f);
+        for (int64_t c = 0; c < nc; ++c) {
+          for (int64_t tile = g0; tile < g1; ++tile) {
+            if (tile + 1 < g1) prefetch_rows((tile + 1) * R, c * kChunk);
+            else prefetch_rows(g0 * R, (c + 1) * kChunk);
+            run_tile_chunk(b, tile * R, c, At.data() + (tile - g0) * n * R, H.data() + (tile - g0) * n * R);
+          }
+        }
+        g0 = g1;
+      }
+    });
+  }
+}
+#endif
+
 }  // namespace
 
 // u, delta, z: (batch, d, L); A: (d, n); B, C: (batch, n, L), unit stride along L (see check_bc); D, delta_bias:
@@ -588,6 +786,13 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     const bool raw_steps = !biasp && !softplus;  // delta is already the step: read it in place
     T* op = out.data_ptr<T>();
     T* cp = ckpt.data_ptr<T>();
+#ifdef EMAMBA_AVX512_STEP_LOOP
+    if (std::is_same_v<T, float> && !B_rows && !C_rows && tiled_forward(d, n)) {
+      forward_tiles_avx512<T>(up, deltap, Ap, Bp, sBb, Bm.stride(2), Cp, sCb, Cm.stride(2), Dp, zp, biasp,
+                              softplus, batch, d, L, n, op, cp);
+      return;
+    }
+#endif
     // Rows (b, d) are independent in the forward: parallelise over batch*d. Within a task, rows that
     // share b advance chunk by chunk together; between chunks a row's state lives in its checkpoint slot,
     // which is exactly what the backward needs.
@@ -997,6 +1202,18 @@ bool avx512_step_loop() {
 #endif
 }
 
+// Whether the fp32 forward runs forward_tiles_avx512 for d channels and state size n (given B and C in the
+// (batch, L, n) layout): what scan_cpu.reads_bc_rows mirrors, for its test and the A/B script.
+bool tiled_forward_for(int64_t d, int64_t n) {
+#ifdef EMAMBA_AVX512_STEP_LOOP
+  return tiled_forward(d, n);
+#else
+  (void)d;
+  (void)n;
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "fused selective scan forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "fused selective scan backward (CPU)");
@@ -1007,5 +1224,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("avx512") = false);
   m.def("decays_probe", &decays_probe, "throughput probe of the forward's decay loop (benchmarks)");
   m.def("chunk_size", &chunk_size, "time steps between saved states");
-  m.def("avx512_step_loop", &avx512_step_loop, "the fp32 forward runs the AVX-512 step loop (B, C read as rows)");
+  m.def("avx512_step_loop", &avx512_step_loop, "the fp32 forward has the AVX-512 loops (per-row and tiled)");
+  m.def("tiled_forward", &tiled_forward_for, "the fp32 forward runs the tiled AVX-512 loop for (d, n)");
 }
