@@ -12,8 +12,8 @@ relative difference of the outputs (forward: out; backward: dC, which depends on
 
 B and C start as (batch, n, L) rows, the layout the Mamba mixer produces, and each forward gets them the
 way `emamba.ops.scan_cpu` hands them to that source: read in place by a build whose `avx512_step_loop()`
-is true unless its `tiled_forward(d, n)` is too, otherwise copied to (batch, L, n) inside the timed call
-(sources that predate the two layouts take that copy as a plain tensor). The backward always gets the (batch, L, n) copy, made outside the timing.
+is true, otherwise copied to (batch, L, n) inside the timed call (sources that predate the two layouts take
+that copy as a plain tensor). The backward always gets the (batch, L, n) copy, made outside the timing.
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ def build(path: str, extra_cflags: list[str]):
 
 def _forward_call(module, u, delta, A, B, C, D, z, bias):
     """module.scan_fwd with B, C (batch, n, L) prepared as the Python wrapper prepares them for it."""
-    d, n = A.shape
-    tiled = getattr(module, "tiled_forward", lambda d, n: False)(d, n)
-    if getattr(module, "avx512_step_loop", lambda: False)() and not tiled:
+    if getattr(module, "avx512_step_loop", lambda: False)():
         return lambda: module.scan_fwd(u, delta, A, B, C, D, z, bias, True)
-    if hasattr(module, "avx512_step_loop"):  # two-layout source, tiled or generic: a transposed view of the copy
+    if hasattr(module, "avx512_step_loop"):  # two-layout source, generic build: a transposed view of the copy
         return lambda: module.scan_fwd(u, delta, A, B.transpose(1, 2).contiguous().transpose(1, 2),
                                        C.transpose(1, 2).contiguous().transpose(1, 2), D, z, bias, True)
     return lambda: module.scan_fwd(u, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),

@@ -258,13 +258,14 @@ def test_avx512_exp_is_bit_identical_to_generic():
     torch.testing.assert_close(ext.fast_exp(near_max, True).double(), near_max.double().exp(), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("n", [8, 16, 64])
-def test_forward_reads_both_bc_layouts(n):
+@pytest.mark.parametrize("d,n", [(3, 8), (3, 16), (3, 64), (16, 16), (32, 64)])
+def test_forward_reads_both_bc_layouts(d, n):
     """scan_fwd takes B, C as (batch, n, L) rows (unit stride along L, any batch/state strides: the mixer's
-    slices of x_proj's output) or as a transposed view of (batch, L, n) memory; both give the same bits, and
-    any other layout is refused with a message naming the tensor."""
+    slices of x_proj's output) or as a transposed view of (batch, L, n) memory; both give the same bits (per-row
+    and, with d and n multiples of 16, tiled loop), and any other layout is refused with a message naming the
+    tensor."""
     ext = scan_cpu._ext()
-    batch, d, L = 2, 3, 2 * CHUNK + 9
+    batch, L = 2, 2 * CHUNK + 9
     u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(batch, d, L, n, torch.float32, seed=11))
     proj = torch.randn(batch, 5 + 2 * n, L)  # (batch, dt_rank + 2n, L), as x_proj writes it
     proj[:, 5:5 + n], proj[:, 5 + n:] = B, C
@@ -325,7 +326,7 @@ def _require_tiled():
 
 @pytest.mark.parametrize("with_D,with_z,with_bias,softplus", FLAGS)
 def test_tiled_forward_all_options(with_D, with_z, with_bias, softplus):
-    """Values and gradients through the entry point, which hands the tiled loop B, C as (batch, L, n)."""
+    """Values and gradients through the entry point (the tiled loop reads the mixer's B, C rows in place)."""
     _require_tiled()
     inputs = cpu_inputs(2, 32, 2 * CHUNK + 5, 16, D=with_D, z=with_z, delta_bias=with_bias, softplus=softplus,
                         seed=13)
@@ -347,38 +348,30 @@ def test_tiled_forward_lengths(L):
 
 @pytest.mark.parametrize("n", [16, 64])
 def test_tiled_and_per_row_forward_agree(n):
-    """The same scan by the tiled loop (B, C as (batch, L, n)) and the per-row loop (B, C as rows): the states,
-    hence the checkpoints the backward starts from, are bit-identical; y = C.h is summed in another order,
-    so the outputs agree to fp32 rounding. Neither depends on the thread count."""
+    """The same 48 channels by the tiled loop (d = 48) and by the per-row loop (one more channel, d = 49, so
+    d is no multiple of 16): the states, hence the checkpoints the backward starts from, are bit-identical;
+    y = C.h is summed in another order, so the outputs agree to fp32 rounding. The tiled result does not
+    depend on the thread count."""
     _require_tiled()
     ext = scan_cpu._ext()
-    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(3, 48, 2 * CHUNK + 9, n, seed=14))
-    B_steps, C_steps = (X.transpose(1, 2).contiguous().transpose(1, 2) for X in (B, C))
+    assert ext.tiled_forward(48, n) and not ext.tiled_forward(49, n)
+    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(3, 49, 2 * CHUNK + 9, n, seed=14))
     before = torch.get_num_threads()
     try:
         runs = []
         for threads in (1, max(2, before)):
             torch.set_num_threads(threads)
-            runs.append(ext.scan_fwd(u, delta, A, B_steps, C_steps, D, z, bias, True))
-        per_row = ext.scan_fwd(u, delta, A, B, C, D, z, bias, True)
+            runs.append(ext.scan_fwd(u[:, :48].contiguous(), delta[:, :48].contiguous(), A[:48], B, C, D[:48],
+                                     z[:, :48].contiguous(), bias[:48], True))
+        out_rows, ck_rows = ext.scan_fwd(u, delta, A, B, C, D, z, bias, True)
     finally:
         torch.set_num_threads(before)
     (tiled, ck_tiled), (tiled2, ck_tiled2) = runs
     assert torch.equal(tiled, tiled2) and torch.equal(ck_tiled, ck_tiled2)
-    assert torch.equal(ck_tiled, per_row[1])
-    assert rel_err(tiled, per_row[0].double()) < 1e-6
+    assert torch.equal(ck_tiled, ck_rows[:, :48])
+    assert rel_err(tiled, out_rows[:, :48].double()) < 1e-6
     ref = selective_scan_reference(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
-    assert rel_err(tiled, ref) < 1e-4
-
-
-def test_reads_bc_rows_mirrors_kernel():
-    """scan_cpu.reads_bc_rows (plain Python, so torch.compile can trace it) names the layout in which the
-    kernel runs its fastest loop: rows exactly where the kernel would not run the tiled one."""
-    ext = scan_cpu._ext()
-    avx512 = bool(ext.avx512_step_loop())
-    for d, n in itertools.product([1, 8, 15, 16, 24, 32, 48, 640], [1, 8, 15, 16, 24, 32, 64, 128]):
-        assert scan_cpu.reads_bc_rows(d, n) == (avx512 and not ext.tiled_forward(d, n)), (d, n)
-        assert scan_cpu.reads_bc_rows(d, n, avx512=False) is False
+    assert rel_err(tiled, ref[:, :48]) < 1e-4
 
 
 def test_portable_build_fallback_warns(monkeypatch):

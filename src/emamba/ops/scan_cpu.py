@@ -158,29 +158,15 @@ def _transpose_bc(X: Tensor) -> Tensor:
     return X.transpose(1, 2).contiguous()
 
 
-TILE_ROWS = 16  # keep in sync with kTileRows in the C++ source
+def reads_bc_rows() -> bool:
+    """True when the forward kernel reads B, C as (batch, n, L) rows (its AVX-512 loops are compiled).
 
-
-def avx512_step_loop() -> bool:
-    """True when this build has the fp32 AVX-512 forward loops (compiled where the CPU has AVX512F/DQ)."""
-    return bool(_ext().avx512_step_loop())
-
-
-def reads_bc_rows(d: int, n: int, avx512: Optional[bool] = None) -> bool:
-    """True when the forward kernel reads B, C as (batch, n, L) rows, for d channels and state size n.
-
-    The kernel takes two layouts (``check_bc`` in the C++ source) and has three fp32 forward loops:
-    * AVX-512, d a multiple of ``TILE_ROWS`` and n of 16 (every EMamba shape): one SIMD lane per channel
-      (``forward_tiles_avx512``); it reads a transposed view of a (batch, L, n) copy, which puts one time
-      step's n values at fixed offsets from one pointer. The backward needs that copy anyway and reuses it.
-    * AVX-512, other sizes: one row at a time, state across the lanes; it reads rows with unit stride along
-      L in place and transposes them chunk by chunk.
-    * generic (no AVX-512): one row at a time, faster on the (batch, L, n) copy.
-    ``avx512`` defaults to :func:`avx512_step_loop` (the wrapper passes it as a trace-time constant).
+    The kernel takes two layouts (``check_bc`` in the C++ source). The AVX-512 loops read rows with unit
+    stride along L in place and transpose them chunk by chunk (the Mamba mixer's slices of x_proj's output
+    already have that layout, so its forward makes no copy); the generic loop runs faster on a transposed
+    view of a (batch, L, n) copy. The backward makes its own (batch, L, n) copy either way.
     """
-    if avx512 is None:
-        avx512 = avx512_step_loop()
-    return bool(avx512) and not (d % TILE_ROWS == 0 and n % 16 == 0)
+    return bool(_ext().avx512_step_loop())
 
 
 def kernel_variant() -> str:
@@ -188,11 +174,11 @@ def kernel_variant() -> str:
 
     Speeds differ between the two (README, Performance), so benchmark rows record it.
     """
-    return "avx512" if avx512_step_loop() else "generic"
+    return "avx512" if reads_bc_rows() else "generic"
 
 
 def forward_bc_layout(X: Tensor, rows: bool) -> Tensor:
-    """B or C (batch, n, L) in the layout :func:`reads_bc_rows` names: at most one copy."""
+    """B or C (batch, n, L) in the forward kernel's layout (see :func:`reads_bc_rows`): at most one copy."""
     if rows:
         return X if X.stride(2) == 1 or X.shape[2] == 1 else X.contiguous()
     if X.stride(1) == 1 and X.stride(2) == X.shape[1]:  # already a view of (batch, L, n) memory
@@ -214,7 +200,7 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out, checkpoints) with checkpoints of shape :func:`checkpoint_shape`."""
     ext = _ext()
-    rows = reads_bc_rows(u.shape[1], A.shape[1])
+    rows = reads_bc_rows()
     return tuple(ext.scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), forward_bc_layout(B, rows), forward_bc_layout(C, rows),
         _opt(D), _opt(z), _opt(delta_bias), bool(delta_softplus),

@@ -113,10 +113,9 @@ def _resolve_backend_while_tracing(backend: str, device_type: str, dtype: torch.
 
 
 @torch.compiler.assume_constant_result
-def _cpu_avx512_step_loop() -> bool:
-    """Whether the CPU kernel has its AVX-512 forward loops, as a trace-time constant (like the backend):
-    with the shapes it decides which B, C layout the forward reads (scan_cpu.reads_bc_rows)."""
-    return scan_cpu.avx512_step_loop()
+def _cpu_reads_bc_rows() -> bool:
+    """Which B, C layout the CPU kernel's forward reads, as a trace-time constant (like the backend)."""
+    return scan_cpu.reads_bc_rows()
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -290,9 +289,9 @@ def selective_scan(
             t.contiguous() if t is not None else None for t in (u, delta, A, D, z, delta_bias)
         )
         if name == "cpu":
-            # B and C in the layout the CPU kernel's forward reads (scan_cpu.reads_bc_rows), not
-            # .contiguous(): one copy at most, and the backward's transpose of that copy is free.
-            rows = scan_cpu.reads_bc_rows(u.shape[1], A.shape[1], _cpu_avx512_step_loop())
+            # B and C in the layout the CPU kernel's forward reads (scan_cpu.forward_bc_layout), not
+            # .contiguous(): one copy at most, none for the Mamba mixer's slices of x_proj's output on AVX-512.
+            rows = _cpu_reads_bc_rows()
             B, C = scan_cpu.forward_bc_layout(B, rows), scan_cpu.forward_bc_layout(C, rows)
         else:
             B, C = B.contiguous(), C.contiguous()

@@ -349,32 +349,40 @@ static inline __attribute__((always_inline)) void transpose16(const float* __res
     _mm512_storeu_ps(dst + (12 + e) * ds, _mm512_shuffle_f32x4(x1, x3, 0xDD));
   }
 }
+
+// transpose_chunk (steps [t0, t1) of n rows src + k * sn to (t1 - t0, n)) in 16 x 16 blocks; n % 16 == 0.
+// The steps past the last full block of 16 are copied one by one: a block would read past the row's end.
+static inline void transpose_chunk_avx512(const float* __restrict src, int64_t sn, int64_t n, int64_t t0,
+                                          int64_t t1, float* __restrict buf) {
+  const int64_t full = t0 + (t1 - t0) / 16 * 16;
+  for (int64_t k = 0; k < n; k += 16) {
+    for (int64_t t = t0; t < full; t += 16) transpose16(src + k * sn + t, sn, buf + (t - t0) * n + k, n);
+    for (int64_t j = k; j < k + 16; ++j)
+      for (int64_t t = full; t < t1; ++t) buf[(t - t0) * n + j] = src[j * sn + t];
+  }
+}
 // Whether scan_fwd runs forward_tiles_avx512 (else the per-row loop) for these sizes.
 inline bool tiled_forward(int64_t d, int64_t n) { return d % kTileRows == 0 && n % 16 == 0; }
 
-// Steps [t0, t1) of one tile. DT, DTU: (t1 - t0, 16) steps dt and dt * u; At: (n, 16) A * log2(e);
-// Bb, Cb: B and C of the tile's batch element in the (batch, L, n) layout, element (k, t) at
-// Bb[t * sBt + k]: the G values of a pass are then at fixed offsets from one pointer (with (batch, n, L)
-// rows each would need its own address register: the loop ran out of them and reloaded from the stack);
-// H: (n, 16) state, in and out; Y: (t1 - t0, 16) output C_t . h_t.
+// len steps of one tile. DT, DTU: (len, 16) steps dt and dt * u; At: (n, 16) A * log2(e); Bk, Ck: B and C
+// of the steps as (len, n): the G values of a pass are at fixed offsets from one pointer (read from
+// (batch, n, L) rows, each would need its own address register: the loop ran out of them and reloaded
+// from the stack); H: (n, 16) state, in and out; Y: (len, 16) output C_t . h_t.
 template <int G>
 inline void forward_tile_avx512(const float* __restrict DT, const float* __restrict DTU,
-                                const float* __restrict At, const float* __restrict Bb, int64_t sBt,
-                                const float* __restrict Cb, int64_t sCt, int64_t t0, int64_t t1, int64_t n,
-                                float* __restrict H, float* __restrict Y) {
+                                const float* __restrict At, const float* __restrict Bk,
+                                const float* __restrict Ck, int64_t len, int64_t n, float* __restrict H,
+                                float* __restrict Y) {
   static_assert(G % 4 == 0, "four accumulators of C.h");
   for (int64_t g = 0; g < n; g += G) {
     __m512 hv[G];
     for (int j = 0; j < G; ++j) hv[j] = _mm512_loadu_ps(H + (g + j) * kTileRows);
     const float* __restrict Ag = At + g * kTileRows;
-    const float* __restrict Bg = Bb + g;
-    const float* __restrict Cg = Cb + g;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t - t0;
+    for (int64_t i = 0; i < len; ++i) {
       const __m512 dtv = _mm512_loadu_ps(DT + i * kTileRows);
       const __m512 duv = _mm512_loadu_ps(DTU + i * kTileRows);
-      const float* __restrict bt = Bg + t * sBt;
-      const float* __restrict ct = Cg + t * sCt;
+      const float* __restrict bt = Bk + i * n + g;
+      const float* __restrict ct = Ck + i * n + g;
       __m512 acc[4];
       for (int j = 0; j < G; ++j) {
         const __m512 a = exp2_avx512(_mm512_mul_ps(dtv, _mm512_loadu_ps(Ag + j * kTileRows)));
@@ -649,9 +657,10 @@ inline void transpose_chunk(const T* __restrict src, int64_t sn, int64_t n, int6
 // the same way for y + D u and the silu(z) gate; the state goes to its 16 checkpoints by transpose16 too.
 // (A template only so that scan_fwd's dispatch compiles for fp64 too; the body exists for fp32 alone.)
 template <typename T>
-void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp, int64_t sBb, int64_t sBt,
-                          const T* Cp, int64_t sCb, int64_t sCt, const T* Dp, const T* zp, const T* biasp,
-                          bool softplus, int64_t batch, int64_t d, int64_t L, int64_t n, T* op, T* cp) {
+void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp, int64_t sBb, int64_t sBn,
+                          bool B_rows, const T* Cp, int64_t sCb, int64_t sCn, bool C_rows, const T* Dp,
+                          const T* zp, const T* biasp, bool softplus, int64_t batch, int64_t d, int64_t L,
+                          int64_t n, T* op, T* cp) {
   if constexpr (std::is_same_v<T, float>) {
     constexpr int64_t R = kTileRows;
     const int64_t nc = num_chunks(L), tiles_per_batch = d / R;
@@ -666,6 +675,8 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
       float* __restrict row_dtu = rows.data() + R * kChunk;
       const int64_t max_tiles = std::min(end - begin, tiles_per_batch);
       std::vector<float> At(max_tiles * n * R), H(max_tiles * n * R);  // per tile of the batch element
+      // B and C of the chunk as (kChunk, n), when they come as rows
+      std::vector<float> Bc(B_rows ? kChunk * n : 0), Cc(C_rows ? kChunk * n : 0);
 
       // Prefetch the rows of the tile-chunk that follows: 16 rows L apart are more streams than the
       // hardware prefetcher follows, and the first reads of delta, u and z used to stall on memory.
@@ -682,7 +693,7 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
       };
 
       // Steps [t0, t1) of the tile at rows r0 .. r0 + 15 (channels d0 .. d0 + 15 of batch element b).
-      auto run_tile_chunk = [&](int64_t b, int64_t r0, int64_t c, float* at, float* h) {
+      auto run_tile_chunk = [&](const float* Bk, const float* Ck, int64_t r0, int64_t c, float* at, float* h) {
         const int64_t d0 = r0 % d, t0 = c * kChunk, t1 = std::min(L, t0 + kChunk), len = t1 - t0;
         for (int64_t lane = 0; lane < R; ++lane) {
           const float* __restrict dt = deltap + (r0 + lane) * L;
@@ -703,8 +714,7 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
           transpose16(row_dt + i, kChunk, DT.data() + i * R, R);
           transpose16(row_dtu + i, kChunk, DTU.data() + i * R, R);
         }
-        forward_tile_avx512<8>(DT.data(), DTU.data(), at, Bp + b * sBb, sBt, Cp + b * sCb, sCt, t0, t1, n, h,
-                               Y.data());
+        forward_tile_avx512<8>(DT.data(), DTU.data(), at, Bk, Ck, len, n, h, Y.data());
         float* __restrict row_y = row_dt;  // (16, kChunk): y of each channel
         for (int64_t i = 0; i < len; i += 16) transpose16(Y.data() + i * R, R, row_y + i, kChunk);
         for (int64_t lane = 0; lane < R; ++lane) {
@@ -736,10 +746,15 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
         }
         std::fill(H.begin(), H.end(), 0.0f);
         for (int64_t c = 0; c < nc; ++c) {
+          const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
+          const float* Bk = B_rows ? Bc.data() : Bp + b * sBb + t0 * n;
+          const float* Ck = C_rows ? Cc.data() : Cp + b * sCb + t0 * n;
+          if (B_rows) transpose_chunk_avx512(Bp + b * sBb, sBn, n, t0, t1, Bc.data());
+          if (C_rows) transpose_chunk_avx512(Cp + b * sCb, sCn, n, t0, t1, Cc.data());
           for (int64_t tile = g0; tile < g1; ++tile) {
-            if (tile + 1 < g1) prefetch_rows((tile + 1) * R, c * kChunk);
-            else prefetch_rows(g0 * R, (c + 1) * kChunk);
-            run_tile_chunk(b, tile * R, c, At.data() + (tile - g0) * n * R, H.data() + (tile - g0) * n * R);
+            if (tile + 1 < g1) prefetch_rows((tile + 1) * R, t0);
+            else prefetch_rows(g0 * R, t1);
+            run_tile_chunk(Bk, Ck, tile * R, c, At.data() + (tile - g0) * n * R, H.data() + (tile - g0) * n * R);
           }
         }
         g0 = g1;
@@ -787,9 +802,9 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     T* op = out.data_ptr<T>();
     T* cp = ckpt.data_ptr<T>();
 #ifdef EMAMBA_AVX512_STEP_LOOP
-    if (std::is_same_v<T, float> && !B_rows && !C_rows && tiled_forward(d, n)) {
-      forward_tiles_avx512<T>(up, deltap, Ap, Bp, sBb, Bm.stride(2), Cp, sCb, Cm.stride(2), Dp, zp, biasp,
-                              softplus, batch, d, L, n, op, cp);
+    if (std::is_same_v<T, float> && tiled_forward(d, n)) {
+      forward_tiles_avx512<T>(up, deltap, Ap, Bp, sBb, sBn, B_rows, Cp, sCb, sCn, C_rows, Dp, zp, biasp, softplus,
+                              batch, d, L, n, op, cp);
       return;
     }
 #endif
@@ -1202,8 +1217,7 @@ bool avx512_step_loop() {
 #endif
 }
 
-// Whether the fp32 forward runs forward_tiles_avx512 for d channels and state size n (given B and C in the
-// (batch, L, n) layout): what scan_cpu.reads_bc_rows mirrors, for its test and the A/B script.
+// Whether the fp32 forward runs forward_tiles_avx512 for d channels and state size n (tests).
 bool tiled_forward_for(int64_t d, int64_t n) {
 #ifdef EMAMBA_AVX512_STEP_LOOP
   return tiled_forward(d, n);
