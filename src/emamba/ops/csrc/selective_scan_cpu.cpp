@@ -470,13 +470,178 @@ struct BwdScratch {
   std::vector<T> dh;    // (rows, n): running dL/dh per row of the block, carried across chunks
   std::vector<T> dA;    // (rows, n): dA accumulators per row of the block
   std::vector<T> dD;    // (rows)
+#ifdef EMAMBA_AVX512_STEP_LOOP
+  std::vector<T> lanes;  // (3, kChunk, 16): per-step partial sums before their lane sums (backward_chunk_avx512)
+#endif
   BwdScratch(int64_t n, int64_t rows)
       : HA(2 * kChunk * n + 64), zero(n, T(0)), As(n), ys(kChunk), gy(kChunk), sg(kChunk),
-        dh(rows * n, T(0)), dA(rows * n, T(0)), dD(rows, T(0)) {
+        dh(rows * n, T(0)), dA(rows * n, T(0)), dD(rows, T(0))
+#ifdef EMAMBA_AVX512_STEP_LOOP
+        , lanes(3 * kChunk * 16, T(0))
+#endif
+  {
     H = HA.data();
     Adec = HA.data() + kChunk * n + 64;
   }
 };
+
+#ifdef EMAMBA_AVX512_STEP_LOOP
+// out[i] = sum of the 16 lanes of V[i] ((len, 16) row-major) for i < len, 16 steps at a time: one transpose16
+// and a tree of 15 vector adds per 16 sums, instead of ~9 shuffles and adds for each sum on its own.
+static inline void lane_sums(const float* __restrict V, int64_t len, float* __restrict out) {
+  alignas(64) float tr[16 * 16];
+  alignas(64) float sums[16];
+  for (int64_t i = 0; i < len; i += 16) {
+    transpose16(V + i * 16, 16, tr, 16);  // row j of tr: lane j of steps i .. i + 15
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(tr + 16 * j);
+    for (int w = 8; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) r[j] = _mm512_add_ps(r[j], r[j + w]);
+    _mm512_store_ps(sums, r[0]);
+    for (int64_t j = 0; j < std::min<int64_t>(16, len - i); ++j) out[i + j] = sums[j];
+  }
+}
+
+// backward_chunk for fp32 and NF in {16, 32, 64} (same arguments and results), with the row's n-vectors in
+// NF / 16 zmm registers. The generic loop's per-step reductions over n (y = C.h for dz, and the sums
+// giving ddt and du) ended in ~16 dependent scalar adds each (GCC's `omp simd reduction` epilogue): at
+// n = 16 that was most of the backward. Here each step keeps one 16-lane partial vector per sum, and the
+// lane sums are taken 16 steps at a time by lane_sums. The states and decays are recomputed exactly as the
+// forward computes them (exp2_avx512, the same FMA), so they equal the forward's bit for bit; the sums are
+// in another order than the generic loop's (fp32 rounding).
+template <int NF>
+inline void backward_chunk_avx512(const float* __restrict u, const float* __restrict dt, const float* __restrict z,
+                                  const float* __restrict A, const float* __restrict Bt,
+                                  const float* __restrict Ct, float Dd, const float* __restrict dout,
+                                  const float* __restrict h_start, int64_t t0, int64_t t1, float* __restrict du,
+                                  float* __restrict ddt, float* __restrict dz, float* __restrict dh,
+                                  float* __restrict dA_row, float* dD_row, float* __restrict dBC,
+                                  BwdScratch<float>& s) {
+  constexpr int V = NF / 16;
+  float* __restrict H = s.H;
+  float* __restrict Adec = s.Adec;
+  float* __restrict ys = s.ys.data();
+  float* __restrict gy = s.gy.data();
+  float* __restrict sg = s.sg.data();
+  float* __restrict Py = s.lanes.data();                 // (len, 16): C.h partials
+  float* __restrict PsA = s.lanes.data() + kChunk * 16;  // (len, 16): A.q partials
+  float* __restrict PsB = s.lanes.data() + 2 * kChunk * 16;  // (len, 16): g.B partials
+  const int64_t len = t1 - t0;
+  __m512 av[V], Av[V];
+  for (int v = 0; v < V; ++v) {
+    Av[v] = _mm512_loadu_ps(A + 16 * v);
+    av[v] = _mm512_mul_ps(Av[v], _mm512_set1_ps(Exp<float>::kScale));  // As = A * kScale, as the forward
+  }
+
+  // 1) dL/dy = dout * silu(z)
+  if (z) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float zi = z[t0 + i];
+      const float sgi = Exp<float>::sigmoid(zi);
+      sg[i] = sgi;
+      gy[i] = dout[t0 + i] * zi * sgi;
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) gy[i] = dout[t0 + i];
+  }
+
+  // 2) Recompute decays and states from the checkpoint; dC_t += dL/dy_t * h_t; C.h partials for dz.
+  {
+    __m512 hv[V];
+    for (int v = 0; v < V; ++v) hv[v] = _mm512_loadu_ps(h_start + 16 * v);
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t t = t0 + i;
+      const __m512 dtt = _mm512_set1_ps(dt[t]);
+      const __m512 dut = _mm512_set1_ps(dt[t] * u[t]);
+      const __m512 gyi = _mm512_set1_ps(gy[i]);
+      const float* __restrict b = Bt + t * NF;
+      const float* __restrict cc = Ct + t * NF;
+      float* __restrict dCr = dBC + (2 * t + 1) * NF;
+      __m512 py[V];
+      for (int v = 0; v < V; ++v) {
+        const __m512 a = exp2_avx512(_mm512_mul_ps(dtt, av[v]));
+        hv[v] = _mm512_fmadd_ps(a, hv[v], _mm512_mul_ps(dut, _mm512_loadu_ps(b + 16 * v)));
+        _mm512_storeu_ps(Adec + i * NF + 16 * v, a);
+        _mm512_storeu_ps(H + i * NF + 16 * v, hv[v]);
+        _mm512_storeu_ps(dCr + 16 * v, _mm512_fmadd_ps(gyi, hv[v], _mm512_loadu_ps(dCr + 16 * v)));
+        py[v] = _mm512_mul_ps(_mm512_loadu_ps(cc + 16 * v), hv[v]);
+      }
+      if (z) {
+        for (int w = V / 2; w >= 1; w /= 2)
+          for (int v = 0; v < w; ++v) py[v] = _mm512_add_ps(py[v], py[v + w]);
+        _mm512_storeu_ps(Py + i * 16, py[0]);
+      }
+    }
+  }
+
+  // 3) dL/dz = dout * y * silu'(z), with y = C.h + D u.
+  if (z) {
+    lane_sums(Py, len, ys);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float zi = z[t0 + i];
+      const float y = ys[i] + Dd * u[t0 + i];
+      dz[t0 + i] = dout[t0 + i] * y * sg[i] * (1.0f + zi * (1.0f - sg[i]));
+    }
+  }
+
+  // 4) Reverse recurrence; dh (n) and dA_row (n) in registers for the chunk.
+  __m512 dhv[V], dAv[V];
+  for (int v = 0; v < V; ++v) {
+    dhv[v] = _mm512_loadu_ps(dh + 16 * v);
+    dAv[v] = _mm512_loadu_ps(dA_row + 16 * v);
+  }
+  float dD_acc = 0.0f;
+  for (int64_t i = len - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const float dyt = gy[i];
+    const __m512 dy = _mm512_set1_ps(dyt);
+    const __m512 dtt = _mm512_set1_ps(dt[t]);
+    const __m512 dtu = _mm512_set1_ps(dt[t] * u[t]);
+    const float* __restrict b = Bt + t * NF;
+    const float* __restrict cc = Ct + t * NF;
+    const float* __restrict ar = Adec + i * NF;
+    const float* __restrict prev = i == 0 ? h_start : H + (i - 1) * NF;
+    float* __restrict dBr = dBC + 2 * t * NF;
+    __m512 sA[V], sB[V];
+    for (int v = 0; v < V; ++v) {
+      const __m512 a = _mm512_loadu_ps(ar + 16 * v);
+      const __m512 bv = _mm512_loadu_ps(b + 16 * v);
+      const __m512 g = _mm512_fmadd_ps(dy, _mm512_loadu_ps(cc + 16 * v), dhv[v]);  // total dL/dh_t
+      const __m512 q = _mm512_mul_ps(_mm512_mul_ps(g, a), _mm512_loadu_ps(prev + 16 * v));
+      sA[v] = _mm512_mul_ps(Av[v], q);
+      dAv[v] = _mm512_fmadd_ps(dtt, q, dAv[v]);
+      sB[v] = _mm512_mul_ps(g, bv);
+      _mm512_storeu_ps(dBr + 16 * v, _mm512_fmadd_ps(g, dtu, _mm512_loadu_ps(dBr + 16 * v)));
+      dhv[v] = _mm512_mul_ps(a, g);
+    }
+    for (int w = V / 2; w >= 1; w /= 2)
+      for (int v = 0; v < w; ++v) {
+        sA[v] = _mm512_add_ps(sA[v], sA[v + w]);
+        sB[v] = _mm512_add_ps(sB[v], sB[v + w]);
+      }
+    _mm512_storeu_ps(PsA + i * 16, sA[0]);
+    _mm512_storeu_ps(PsB + i * 16, sB[0]);
+    dD_acc += dyt * u[t];
+  }
+  for (int v = 0; v < V; ++v) {
+    _mm512_storeu_ps(dh + 16 * v, dhv[v]);
+    _mm512_storeu_ps(dA_row + 16 * v, dAv[v]);
+  }
+  *dD_row += dD_acc;
+  float* __restrict sAs = ys;    // reused: (len) lane sums of the A.q and g.B partials
+  float* __restrict sBs = sg;
+  lane_sums(PsA, len, sAs);
+  lane_sums(PsB, len, sBs);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t t = t0 + i;
+    ddt[t] = sAs[i] + u[t] * sBs[i];
+    du[t] = dt[t] * sBs[i] + Dd * gy[i];
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------
 // Backward of steps [t0, t1) of one (b, d) row.
@@ -493,6 +658,13 @@ inline void backward_chunk(const T* __restrict u, const T* __restrict dt, const 
                            T* __restrict dh, T* __restrict dA_row, T* dD_row, T* __restrict dBC,
                            BwdScratch<T>& s) {
   const int64_t n = NF > 0 ? NF : n_rt;
+#ifdef EMAMBA_AVX512_STEP_LOOP
+  if constexpr (std::is_same_v<T, float> && NF >= 16) {
+    backward_chunk_avx512<NF>(u, dt, z, A, Bt, Ct, Dd, dout, h_start, t0, t1, du, ddt, dz, dh, dA_row, dD_row,
+                              dBC, s);
+    return;
+  }
+#endif
   T* __restrict H = s.H;
   T* __restrict Adec = s.Adec;
   T* __restrict As = s.As.data();
@@ -827,6 +999,16 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
           if (C_rows) transpose_chunk<T>(Cp + b * sCb, sCn, n, t0, t1, Cc.data());
           for (int64_t r = g0; r < g1; ++r) {
             const int64_t di = r % d;
+            {
+              // The next row's chunk (or the first row's next chunk): as in scan_bwd, rows L apart are not
+              // followed by the hardware prefetcher.
+              const int64_t nr = r + 1 < g1 ? r + 1 : g0, nt0 = r + 1 < g1 ? t0 : t1;
+              for (int64_t t = nt0; t < std::min(L, nt0 + kChunk); t += 64 / int64_t(sizeof(T))) {
+                __builtin_prefetch(deltap + nr * L + t);
+                __builtin_prefetch(up + nr * L + t);
+                if (zp) __builtin_prefetch(zp + nr * L + t);
+              }
+            }
             T* ck = cp + r * nc * n;
             for (int64_t k = 0; k < n; ++k) {
               h[k] = c == 0 ? T(0) : ck[(c - 1) * n + k];
@@ -927,6 +1109,21 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
             const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
             for (int64_t di = d0; di < d1; ++di) {
               const int64_t r = b * d + di, i = di - d0;
+              {
+                // The next row's chunk (or the block's first row one chunk back): rows L apart, visited in
+                // reverse chunk order, which the hardware prefetcher does not follow; without this the first
+                // reads of dout and z of every row-chunk stalled on memory (~20% of the time at L = 96).
+                const bool last = di + 1 == d1;
+                const int64_t nr = last ? b * d + d0 : r + 1, nt0 = last ? t0 - kChunk : t0;
+                if (nt0 >= 0) {
+                  for (int64_t t = nt0; t < std::min(L, nt0 + kChunk); t += 64 / int64_t(sizeof(T))) {
+                    __builtin_prefetch(doutp + nr * L + t);
+                    __builtin_prefetch(up + nr * L + t);
+                    __builtin_prefetch(dtp + nr * L + t);
+                    if (zp) __builtin_prefetch(zp + nr * L + t);
+                  }
+                }
+              }
               const T* h_start = c == 0 ? s.zero.data() : ckp + (r * nc + c - 1) * n;
               with_state_size(n, [&](auto nf) {
                 backward_chunk<T, decltype(nf)::value>(
