@@ -37,6 +37,10 @@ def test_scan_benchmark_rows_and_exp_floor(tmp_path, capsys):
         # both backends evaluate the batch * d * L * n decays, neither faster than the kernel's decay loop alone
         assert 0 < r["exp_floor_fraction"] < 1
     assert rows["cpu"]["speedup_vs_reference"] == pytest.approx(rows["reference"]["median_s"] / rows["cpu"]["median_s"])
+    # the roofline's FLOP/s is the faster GEMM library's (MKL takes its AVX2 code on AMD CPUs)
+    gemms = rows["cpu"]["gemm_flops_per_s"]
+    assert "aten" in gemms and rows["cpu"]["flops_per_s"] == pytest.approx(max(gemms.values()))
+    assert gemms[rows["cpu"]["gemm_library"]] == rows["cpu"]["flops_per_s"]
     assert "exp floor" in capsys.readouterr().out
 
 
