@@ -392,3 +392,43 @@ def test_portable_build_fallback_warns(monkeypatch):
     monkeypatch.setattr(scan_cpu, "_module", None)
     with pytest.warns(RuntimeWarning, match=r"portable CPU scan build.*unrecognized command-line option"):
         assert isinstance(scan_cpu._load(), Portable)
+
+
+@pytest.mark.parametrize("d,n,dtype", [(3, 5, torch.float32), (3, 16, torch.float32), (32, 64, torch.float32),
+                                       (3, 8, torch.float64)], ids=["run-time-n", "per-row", "tiled", "fp64"])
+def test_forward_without_checkpoints(d, n, dtype):
+    """save_checkpoints=False (inference) gives the same output bits and an empty checkpoint tensor."""
+    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(2, d, 2 * CHUNK + 9, n, dtype, seed=15))
+    out, ck = scan_cpu.forward(u, delta, A, B, C, D, z, bias, True)
+    out_nock, no_ck = scan_cpu.forward(u, delta, A, B, C, D, z, bias, True, save_checkpoints=False)
+    assert torch.equal(out, out_nock)
+    assert ck.shape == scan_cpu.checkpoint_shape(2, d, 2 * CHUNK + 9, n) and no_ck.numel() == 0
+
+
+def test_generic_build_forward_without_checkpoints(generic_ext):
+    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(2, 4, 2 * CHUNK + 9, 16, seed=16))
+    Bs, Cs = (X.transpose(1, 2).contiguous().transpose(1, 2) for X in (B, C))
+    out, _ = generic_ext.scan_fwd(u, delta, A, Bs, Cs, D, z, bias, True)
+    out_nock, no_ck = generic_ext.scan_fwd(u, delta, A, Bs, Cs, D, z, bias, True, save_checkpoints=False)
+    assert torch.equal(out, out_nock) and no_ck.numel() == 0
+
+
+def test_entry_point_skips_checkpoints_only_without_grad(monkeypatch):
+    """selective_scan saves checkpoints exactly when a backward can follow (grad mode on and an input that
+    requires grad), and both paths give the same output."""
+    calls = []
+    real = scan_cpu.forward
+
+    def spy(*args, save_checkpoints=True):
+        calls.append(save_checkpoints)
+        return real(*args, save_checkpoints=save_checkpoints)
+
+    monkeypatch.setattr(scan_cpu, "forward", spy)
+    inputs = cpu_inputs(1, 16, CHUNK + 3, 16, seed=17)
+    args = dict(inputs, delta_softplus=True, backend="cpu")
+    y_plain = selective_scan(**args)  # nothing requires grad
+    with torch.no_grad():
+        y_nograd = selective_scan(**dict(args, A=inputs["A"].clone().requires_grad_()))
+    y_grad = selective_scan(**dict(args, A=inputs["A"].clone().requires_grad_()))
+    assert calls == [False, False, True]
+    assert torch.equal(y_plain, y_nograd) and torch.equal(y_plain, y_grad) and y_grad.requires_grad

@@ -197,13 +197,15 @@ def forward(
     z: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
+    save_checkpoints: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out, checkpoints) with checkpoints of shape :func:`checkpoint_shape`."""
+    """Returns (out, checkpoints) with checkpoints of shape :func:`checkpoint_shape`; without
+    ``save_checkpoints`` (no backward will run) an empty tensor, never allocated or written."""
     ext = _ext()
     rows = reads_bc_rows()
     return tuple(ext.scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), forward_bc_layout(B, rows), forward_bc_layout(C, rows),
-        _opt(D), _opt(z), _opt(delta_bias), bool(delta_softplus),
+        _opt(D), _opt(z), _opt(delta_bias), bool(delta_softplus), bool(save_checkpoints),
     ))
 
 

@@ -237,6 +237,31 @@ def _fused_autograd(ctx, dout, _dcheckpoints):
 torch.library.register_autograd("emamba::selective_scan_fwd", _fused_autograd, setup_context=_fused_setup_context)
 
 
+@torch.library.custom_op("emamba::selective_scan_infer", mutates_args=())
+def _fused_infer(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    backend: str,
+) -> Tensor:
+    """The forward when no gradient will be taken: the CPU kernel then skips its checkpoints (as much memory
+    as the output at n = 64, and the time to map and write it); Triton computes them as in training."""
+    if backend == "cpu":
+        return scan_cpu.forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_checkpoints=False)[0]
+    return _fused_module(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
+
+
+@_fused_infer.register_fake
+def _fused_infer_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    return torch.empty_like(u)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public entry point.
 # --------------------------------------------------------------------------------------------------
@@ -295,5 +320,8 @@ def selective_scan(
             B, C = scan_cpu.forward_bc_layout(B, rows), scan_cpu.forward_bc_layout(C, rows)
         else:
             B, C = B.contiguous(), C.contiguous()
-        y, _ = _fused_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), name)
-        return y
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            y, _ = _fused_fwd(*inputs, bool(delta_softplus), name)
+            return y
+        return _fused_infer(*inputs, bool(delta_softplus), name)

@@ -903,8 +903,10 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
             for (int64_t t = t0; t < t1; ++t) out[t] = yr[t - t0] + Dd * u[t];
           }
         }
-        for (int64_t k = 0; k < n; k += 16)  // the state after the chunk: the 16 rows' checkpoints
-          transpose16(h + k * R, R, cp + (r0 * nc + c) * n + k, nc * n);
+        if (cp) {
+          for (int64_t k = 0; k < n; k += 16)  // the state after the chunk: the 16 rows' checkpoints
+            transpose16(h + k * R, R, cp + (r0 * nc + c) * n + k, nc * n);
+        }
       };
 
       for (int64_t g0 = begin; g0 < end;) {
@@ -940,11 +942,14 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
 
 // u, delta, z: (batch, d, L); A: (d, n); B, C: (batch, n, L), unit stride along L (see check_bc); D, delta_bias:
 // (d,). D, z and delta_bias optional. The step is dt = delta + delta_bias, then softplus when `softplus`
-// (computed here, per chunk, never materialised). Returns (out, checkpoints).
+// (computed here, per chunk, never materialised). Returns (out, checkpoints); with save_checkpoints false
+// (inference: no backward will run) the checkpoints are an empty tensor and are never written, which
+// saves as much memory as `out` takes at n = 64 and the time to map and fill it.
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& Bm, const at::Tensor& Cm, const std::optional<at::Tensor>& D,
                                  const std::optional<at::Tensor>& z,
-                                 const std::optional<at::Tensor>& delta_bias, bool softplus) {
+                                 const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                 bool save_checkpoints) {
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "selective_scan_cpu supports float32/float64");
   check(u, "u", dtype);
@@ -958,7 +963,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   const bool C_rows = check_bc(Cm, "C", dtype, batch, n, L);
   const int64_t nc = num_chunks(L);
   auto out = at::empty_like(u);
-  auto ckpt = at::empty({batch, d, nc, n}, u.options());
+  auto ckpt = save_checkpoints ? at::empty({batch, d, nc, n}, u.options()) : at::empty({0}, u.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "selective_scan_cpu_fwd", [&] {
     using T = scalar_t;
     const T* up = u.data_ptr<T>();
@@ -972,7 +977,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
     const bool raw_steps = !biasp && !softplus;  // delta is already the step: read it in place
     T* op = out.data_ptr<T>();
-    T* cp = ckpt.data_ptr<T>();
+    T* cp = save_checkpoints ? ckpt.data_ptr<T>() : nullptr;
 #ifdef EMAMBA_AVX512_STEP_LOOP
     if (std::is_same_v<T, float> && tiled_forward(d, n)) {
       forward_tiles_avx512<T>(up, deltap, Ap, Bp, sBb, sBn, B_rows, Cp, sCb, sCn, C_rows, Dp, zp, biasp, softplus,
@@ -982,12 +987,13 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
 #endif
     // Rows (b, d) are independent in the forward: parallelise over batch*d. Within a task, rows that
     // share b advance chunk by chunk together; between chunks a row's state lives in its checkpoint slot,
-    // which is exactly what the backward needs.
+    // which is exactly what the backward needs (without checkpoints: in a per-task slot per row).
     const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, L * n));
     at::parallel_for(0, batch * d, grain, [&](int64_t begin, int64_t end) {
       // decays of the chunk (generic loop), and B, C of the chunk when they come as rows: (kChunk, n) each
       std::vector<T> h(n), As(n), dt_row(raw_steps ? 0 : L), abuf(kChunk * n);
       std::vector<T> Bc(B_rows ? kChunk * n : 0), Cc(C_rows ? kChunk * n : 0);
+      std::vector<T> states(cp ? 0 : std::min(end - begin, d) * n);
       for (int64_t g0 = begin; g0 < end;) {
         const int64_t b = g0 / d;
         const int64_t g1 = std::min(end, (b + 1) * d);  // rows [g0, g1) share batch element b
@@ -1009,9 +1015,10 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
                 if (zp) __builtin_prefetch(zp + nr * L + t);
               }
             }
-            T* ck = cp + r * nc * n;
+            T* slot = cp ? cp + (r * nc + c) * n : states.data() + (r - g0) * n;  // the state after chunk c
+            const T* prev = cp ? slot - n : slot;                                   // ... and after c - 1
             for (int64_t k = 0; k < n; ++k) {
-              h[k] = c == 0 ? T(0) : ck[(c - 1) * n + k];
+              h[k] = c == 0 ? T(0) : prev[k];
               As[k] = Ap[di * n + k] * Exp<T>::kScale;
             }
             const T* dt = deltap + r * L;
@@ -1024,7 +1031,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
                                                     As.data(), Bk, Ck, Dp ? Dp[di] : T(0), t0, t1, n,
                                                     op + r * L, h.data(), abuf.data());
             });
-            std::copy(h.begin(), h.end(), ck + c * n);
+            std::copy(h.begin(), h.end(), slot);
           }
         }
         g0 = g1;
@@ -1426,7 +1433,9 @@ bool tiled_forward_for(int64_t d, int64_t n) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan_fwd", &scan_fwd, "fused selective scan forward (CPU)");
+  m.def("scan_fwd", &scan_fwd, "fused selective scan forward (CPU)", pybind11::arg("u"), pybind11::arg("delta"),
+        pybind11::arg("A"), pybind11::arg("B"), pybind11::arg("C"), pybind11::arg("D"), pybind11::arg("z"),
+        pybind11::arg("delta_bias"), pybind11::arg("softplus"), pybind11::arg("save_checkpoints") = true);
   m.def("scan_bwd", &scan_bwd, "fused selective scan backward (CPU)");
   m.def("scan_steps", &scan_steps, "the forward's effective steps softplus(delta + delta_bias) (CPU)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d + SiLU forward (CPU)");
