@@ -79,10 +79,11 @@ def _mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return (y * F.silu(z.transpose(1, 2))).transpose(1, 2)
 
 
-def worker(backend: str, shape: str, mode: str, repeats: int, device: str) -> dict:
+def make_step(backend: str, shape: str, mode: str, device: str):
+    """One timed unit of work: the scan (``fwd``, under no_grad) or the scan, a sum and its backward
+    (``fwd+bwd``), on the shape's seeded inputs (the same for every backend)."""
     import torch
 
-    from emamba.memory import peak_bytes, reset_peak
     from emamba.ops import selective_scan
 
     batch, length, d, n = SHAPES[shape]
@@ -114,6 +115,15 @@ def worker(backend: str, shape: str, mode: str, repeats: int, device: str) -> di
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return step
+
+
+def worker(backend: str, shape: str, mode: str, repeats: int, device: str) -> dict:
+    import torch
+
+    from emamba.memory import peak_bytes, reset_peak
+
+    step = make_step(backend, shape, mode, device)
     step()  # warm-up (and the first-use kernel load)
     times = []
     for _ in range(repeats):

@@ -76,3 +76,15 @@ def test_module_threads_counts_every_call(tmp_path, capsys):
     assert torch.get_num_threads() == threads  # the timing loop's thread counts do not leak out
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
+
+
+@pytest.mark.skipif(not scan_cpu.is_available()[0], reason="fused CPU scan kernel unavailable")
+def test_interleave_ratios_within_rounds(tmp_path, capsys):
+    bench = load_benchmark("interleave")
+    out = tmp_path / "ratios.json"
+    assert bench.main(["--shapes", "ts", "--backends", "cpu", "reference", "--rounds", "3", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["shape"] == "ts" and row["rounds"] == 3 and row["fast"] == "cpu" and row["baseline"] == "reference"
+    assert 0 < row["min_ratio"] <= row["median_ratio"] <= row["max_ratio"]
+    assert row["median_s_cpu"] > 0 and row["median_s_reference"] > 0
+    assert "per round median" in capsys.readouterr().out

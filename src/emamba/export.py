@@ -2,8 +2,9 @@
 
 What works (tested in ``tests/models/test_export.py``):
 
-* ``torch.export``: the graph keeps the fused scan as one ``emamba::selective_scan_fwd`` custom op, so the
-  program runs wherever the ``emamba`` package is importable (it registers the op).
+* ``torch.export``: the graph keeps the fused scan as one ``emamba::selective_scan_fwd`` custom op
+  (``emamba::selective_scan_infer`` when traced with grad mode off), so the program runs wherever the
+  ``emamba`` package is importable (it registers the ops).
 * ONNX (``torch.onnx.export(..., dynamo=True)``, needs ``onnx`` and ``onnxscript``): the fused scan op has
   no ONNX translation, so for the export every Mamba mixer switches to the pure-PyTorch ``torch`` scan
   backend, whose chunked log-depth scan is made of standard ops; the ONNX graph holds that scan unrolled

@@ -485,6 +485,37 @@ struct BwdScratch {
   }
 };
 
+// The backward's elementwise ends, shared by its loops. dL/dy of the chunk's steps: out = y * silu(z), so
+// dL/dy = dout * silu(z) (needs no state); sg = sigmoid(z) is kept for dz. Without z, dL/dy = dout.
+template <typename T>
+inline void chunk_grad_y(const T* __restrict dout, const T* __restrict z, int64_t t0, int64_t len,
+                         T* __restrict gy, T* __restrict sg) {
+  if (z) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const T zi = z[t0 + i];
+      const T sgi = Exp<T>::sigmoid(zi);
+      sg[i] = sgi;
+      gy[i] = dout[t0 + i] * zi * sgi;
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) gy[i] = dout[t0 + i];
+  }
+}
+
+// dL/dz = dout * y * silu'(z), with y = C.h + D u recomputed (ys: C.h of the chunk's steps).
+template <typename T>
+inline void chunk_grad_z(const T* __restrict dout, const T* __restrict z, const T* __restrict u,
+                         const T* __restrict ys, const T* __restrict sg, T Dd, int64_t t0, int64_t len,
+                         T* __restrict dz) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const T zi = z[t0 + i];
+    const T y = ys[i] + Dd * u[t0 + i];
+    dz[t0 + i] = dout[t0 + i] * y * sg[i] * (T(1) + zi * (T(1) - sg[i]));
+  }
+}
+
 #ifdef EMAMBA_AVX512_STEP_LOOP
 // out[i] = sum of the 16 lanes of V[i] ((len, 16) row-major) for i < len, 16 steps at a time: one transpose16
 // and a tree of 15 vector adds per 16 sums, instead of ~9 shuffles and adds for each sum on its own.
@@ -533,18 +564,7 @@ inline void backward_chunk_avx512(const float* __restrict u, const float* __rest
     av[v] = _mm512_mul_ps(Av[v], _mm512_set1_ps(Exp<float>::kScale));  // As = A * kScale, as the forward
   }
 
-  // 1) dL/dy = dout * silu(z)
-  if (z) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float zi = z[t0 + i];
-      const float sgi = Exp<float>::sigmoid(zi);
-      sg[i] = sgi;
-      gy[i] = dout[t0 + i] * zi * sgi;
-    }
-  } else {
-    for (int64_t i = 0; i < len; ++i) gy[i] = dout[t0 + i];
-  }
+  chunk_grad_y(dout, z, t0, len, gy, sg);  // 1) dL/dy
 
   // 2) Recompute decays and states from the checkpoint; dC_t += dL/dy_t * h_t; C.h partials for dz.
   {
@@ -578,12 +598,7 @@ inline void backward_chunk_avx512(const float* __restrict u, const float* __rest
   // 3) dL/dz = dout * y * silu'(z), with y = C.h + D u.
   if (z) {
     lane_sums(Py, len, ys);
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float zi = z[t0 + i];
-      const float y = ys[i] + Dd * u[t0 + i];
-      dz[t0 + i] = dout[t0 + i] * y * sg[i] * (1.0f + zi * (1.0f - sg[i]));
-    }
+    chunk_grad_z(dout, z, u, ys, sg, Dd, t0, len, dz);
   }
 
   // 4) Reverse recurrence; dh (n) and dA_row (n) in registers for the chunk.
@@ -674,18 +689,8 @@ inline void backward_chunk(const T* __restrict u, const T* __restrict dt, const 
   const int64_t len = t1 - t0;
   for (int64_t k = 0; k < n; ++k) As[k] = A[k] * Exp<T>::kScale;
 
-  // 1) Gradient arriving at y: out = y * silu(z)  =>  dL/dy = dout * silu(z) (needs no state).
-  if (z) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const T zi = z[t0 + i];
-      const T sgi = Exp<T>::sigmoid(zi);
-      sg[i] = sgi;
-      gy[i] = dout[t0 + i] * zi * sgi;
-    }
-  } else {
-    for (int64_t i = 0; i < len; ++i) gy[i] = dout[t0 + i];
-  }
+  // 1) Gradient arriving at y (needs no state).
+  chunk_grad_y(dout, z, t0, len, gy, sg);
 
   // 2) Recompute the chunk's decays and states from the checkpoint (same arithmetic as the forward, so
   //    they are bit-identical to the forward's). dC_t += dL/dy_t * h_t is accumulated here, while h_t is
@@ -733,15 +738,8 @@ inline void backward_chunk(const T* __restrict u, const T* __restrict dt, const 
     }
   }
 
-  // 3) dL/dz = dout * y * silu'(z), with y = C.h + D u recomputed above.
-  if (z) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const T zi = z[t0 + i];
-      const T y = ys[i] + Dd * u[t0 + i];
-      dz[t0 + i] = dout[t0 + i] * y * sg[i] * (T(1) + zi * (T(1) - sg[i]));
-    }
-  }
+  // 3) dL/dz, with y = C.h + D u recomputed above.
+  if (z) chunk_grad_z(dout, z, u, ys, sg, Dd, t0, len, dz);
 
   // 4) Reverse recurrence over the chunk. On entry to step t, dh = dL/dh_t through h_{t+1}.
   //    With n known at compile time dh lives in a local array (registers) for the whole chunk.
