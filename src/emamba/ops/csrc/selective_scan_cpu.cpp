@@ -10,10 +10,9 @@
 //    kChunk*n buffer (it stays in L1/L2) and runs the reverse recurrence for dh over it.
 //  * Layout. For a fixed (b, d) we stream over t; B and C are (batch, n, L), so their columns for one t
 //    are strided by L. The inner loops over the state dimension n want them contiguous: the backward (and
-//    the forward's generic and tiled loops) get B and C transposed to (batch, L, n) by the wrapper (an
-//    O(batch*L*n) copy, which the backward then reuses); the forward's per-row AVX-512 loop reads the
-//    (batch, n, L) rows and transposes one chunk at a time into a small buffer shared by the rows of a
-//    batch element (see check_bc).
+//    the forward's generic loop) get B and C transposed to (batch, L, n) by the wrapper (an O(batch*L*n)
+//    copy); the forward's AVX-512 loops read the (batch, n, L) rows and transpose one chunk at a time into
+//    a small buffer shared by the rows (tiles) of a batch element (see check_bc).
 //  * Chunk-major order. A task advances all of its rows (same batch element) through chunk c before
 //    moving to chunk c+1 (backward: c-1), so the kChunk*n slices of B, C (and of the dB/dC accumulators)
 //    are loaded from memory once per chunk and reused from cache by every row.
@@ -316,7 +315,7 @@ inline void forward_chunk_avx512(const float* __restrict u, const float* __restr
 // per-row loop (same exp, same products, same FMA); y sums C_t[k] h_t[k] in a different order:
 //   acc_j = C_j h_j, then acc_j = fma(C_{j+4i}, h_{j+4i}, acc_j) for i = 1 .. G/4 - 1 (j = 0 .. 3),
 //   y_pass = (acc_0 + acc_1) + (acc_2 + acc_3), y = y_pass(0) + y_pass(1) + ... in pass order,
-// so y differs from the backward's recompute (tree_sum, used only for dz) by fp32 rounding.
+// so y differs from the backward's recompute of it (used only for dz) by fp32 rounding.
 // ---------------------------------------------------------------------------------------------------
 constexpr int64_t kTileRows = 16;
 
@@ -361,6 +360,7 @@ static inline void transpose_chunk_avx512(const float* __restrict src, int64_t s
       for (int64_t t = full; t < t1; ++t) buf[(t - t0) * n + j] = src[j * sn + t];
   }
 }
+
 // Whether scan_fwd runs forward_tiles_avx512 (else the per-row loop) for these sizes.
 inline bool tiled_forward(int64_t d, int64_t n) { return d % kTileRows == 0 && n % 16 == 0; }
 
