@@ -167,6 +167,16 @@ inline void effective_steps(const T* __restrict delta, T bias, bool softplus, in
 
 inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
 
+// Prefetches steps [t0, min(L, t0 + kChunk)) of one row of a (batch, d, L) tensor (nothing when t0 is out
+// of [0, L)): the row-chunk a loop reads next. Rows L apart taken chunk by chunk (in the backward, in
+// reverse chunk order) are more streams than the hardware prefetcher follows; without this the first
+// reads of each row-chunk stalled on memory (~20% of the samples in `perf`, tiled forward and backward).
+template <typename T>
+inline void prefetch_row_chunk(const T* row, int64_t t0, int64_t L) {
+  if (t0 < 0) return;
+  for (int64_t t = t0; t < std::min(L, t0 + kChunk); t += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + t);
+}
+
 // Calls fn(std::integral_constant<int, V>) with V = value when value is one of Sizes, and V = 0 (the value
 // read at run time) otherwise, so that hot loops can be compiled for the sizes EMamba uses.
 template <int... Sizes, typename Fn>
@@ -819,7 +829,7 @@ inline void transpose_chunk(const T* __restrict src, int64_t sn, int64_t n, int6
 }
 
 #ifdef EMAMBA_AVX512_STEP_LOOP
-// scan_fwd for fp32 when d is a multiple of kTileRows and n of 16, B and C in the (batch, L, n) layout:
+// scan_fwd for fp32 when d is a multiple of kTileRows and n of 16 (B and C in either layout of check_bc):
 // forward_tile_avx512 over tiles of 16 channels. As in the per-row forward, a task's tiles of one batch
 // element advance chunk by chunk together (the chunk's B and C stay in cache for all of them), each with
 // its scaled A and running state in (n, 16) buffers. Per tile and chunk: the 16 rows' steps and dt * u
@@ -848,17 +858,12 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
       // B and C of the chunk as (kChunk, n), when they come as rows
       std::vector<float> Bc(B_rows ? kChunk * n : 0), Cc(C_rows ? kChunk * n : 0);
 
-      // Prefetch the rows of the tile-chunk that follows: 16 rows L apart are more streams than the
-      // hardware prefetcher follows, and the first reads of delta, u and z used to stall on memory.
+      // The 16 rows of the tile-chunk that follows (prefetch_row_chunk).
       auto prefetch_rows = [&](int64_t r0, int64_t t0) {
-        if (t0 >= L) return;
-        for (int64_t lane = 0; lane < R; ++lane) {
-          const int64_t at = (r0 + lane) * L + t0;
-          for (int64_t t = 0; t < std::min(kChunk, L - t0); t += 16) {
-            _mm_prefetch(reinterpret_cast<const char*>(deltap + at + t), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(up + at + t), _MM_HINT_T0);
-            if (zp) _mm_prefetch(reinterpret_cast<const char*>(zp + at + t), _MM_HINT_T0);
-          }
+        for (int64_t r = r0; r < r0 + R; ++r) {
+          prefetch_row_chunk(deltap + r * L, t0, L);
+          prefetch_row_chunk(up + r * L, t0, L);
+          if (zp) prefetch_row_chunk(zp + r * L, t0, L);
         }
       };
 
@@ -1004,14 +1009,11 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
           for (int64_t r = g0; r < g1; ++r) {
             const int64_t di = r % d;
             {
-              // The next row's chunk (or the first row's next chunk): as in scan_bwd, rows L apart are not
-              // followed by the hardware prefetcher.
+              // the next row's chunk, or the first row's next chunk (prefetch_row_chunk)
               const int64_t nr = r + 1 < g1 ? r + 1 : g0, nt0 = r + 1 < g1 ? t0 : t1;
-              for (int64_t t = nt0; t < std::min(L, nt0 + kChunk); t += 64 / int64_t(sizeof(T))) {
-                __builtin_prefetch(deltap + nr * L + t);
-                __builtin_prefetch(up + nr * L + t);
-                if (zp) __builtin_prefetch(zp + nr * L + t);
-              }
+              prefetch_row_chunk(deltap + nr * L, nt0, L);
+              prefetch_row_chunk(up + nr * L, nt0, L);
+              if (zp) prefetch_row_chunk(zp + nr * L, nt0, L);
             }
             T* slot = cp ? cp + (r * nc + c) * n : states.data() + (r - g0) * n;  // the state after chunk c
             const T* prev = cp ? slot - n : slot;                                   // ... and after c - 1
@@ -1115,19 +1117,13 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
             for (int64_t di = d0; di < d1; ++di) {
               const int64_t r = b * d + di, i = di - d0;
               {
-                // The next row's chunk (or the block's first row one chunk back): rows L apart, visited in
-                // reverse chunk order, which the hardware prefetcher does not follow; without this the first
-                // reads of dout and z of every row-chunk stalled on memory (~20% of the time at L = 96).
+                // the next row's chunk, or the block's first row one chunk back (prefetch_row_chunk)
                 const bool last = di + 1 == d1;
                 const int64_t nr = last ? b * d + d0 : r + 1, nt0 = last ? t0 - kChunk : t0;
-                if (nt0 >= 0) {
-                  for (int64_t t = nt0; t < std::min(L, nt0 + kChunk); t += 64 / int64_t(sizeof(T))) {
-                    __builtin_prefetch(doutp + nr * L + t);
-                    __builtin_prefetch(up + nr * L + t);
-                    __builtin_prefetch(dtp + nr * L + t);
-                    if (zp) __builtin_prefetch(zp + nr * L + t);
-                  }
-                }
+                prefetch_row_chunk(doutp + nr * L, nt0, L);
+                prefetch_row_chunk(up + nr * L, nt0, L);
+                prefetch_row_chunk(dtp + nr * L, nt0, L);
+                if (zp) prefetch_row_chunk(zp + nr * L, nt0, L);
               }
               const T* h_start = c == 0 ? s.zero.data() : ckp + (r * nc + c - 1) * n;
               with_state_size(n, [&](auto nf) {
@@ -1407,9 +1403,9 @@ double decays_probe(int64_t count, int64_t n) {
 
 int64_t chunk_size() { return kChunk; }
 
-// True when the fp32 forward runs the AVX-512 step loop (forward_chunk_avx512) for n in {16, 32, 64}; the
-// wrapper then hands it B and C as (batch, n, L) rows (transposed per chunk, cheaper than a whole-tensor
-// copy). The generic loop ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S stage-1 shape,
+// True when the fp32 forward has the AVX-512 loops (forward_tiles_avx512, else forward_chunk_avx512 for n in
+// {16, 32, 64}); the wrapper then hands it B and C as (batch, n, L) rows (transposed per chunk, cheaper than
+// a whole-tensor copy). The generic loop ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S stage-1 shape,
 // built without AVX-512), so other builds keep that copy.
 bool avx512_step_loop() {
 #ifdef EMAMBA_AVX512_STEP_LOOP
