@@ -111,7 +111,7 @@ def test_benchmark_json_last_line(capsys, bench):
     assert row["samples_per_sec"] > 0 and row["backend"] in ("cpu", "torch")
     assert row["cpu_model"]
     if row["backend"] == "cpu":  # the fused kernel's code path is recorded: speeds differ between the two
-        assert row["scan_kernel"] == scan_cpu.kernel_variant() and row["scan_kernel"] in ("avx512", "generic")
+        assert row["scan_kernel"] == scan_cpu.kernel_variant() and row["scan_kernel"] in ("avx512", "avx2", "generic")
     else:
         assert row["scan_kernel"] is None
 

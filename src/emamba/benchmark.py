@@ -161,7 +161,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "backend": backend,
-        # the fused CPU scan's code path ("avx512" or "generic"), which sets its speed; None for other backends
+        # the fused CPU scan's code path ("avx512", "avx2" or "generic"), which sets its speed; None otherwise
         "scan_kernel": _scan_kernel(backend),
         "samples_per_sec": args.batch_size / step_s,
         "step_ms": step_s * 1e3,

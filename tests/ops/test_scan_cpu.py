@@ -188,7 +188,7 @@ def test_is_available_cached_and_never_raises():
 
 
 @pytest.mark.parametrize("d,n", [(2, 4), (16, 16)], ids=["per-row", "tiled"])
-def test_extreme_decays_stay_finite(d, n):
+def test_extreme_decays_stay_finite(build, d, n):
     # Very large steps drive exp(dt*A) far below the fp32 range: the vectorised exp must give 0, not NaN.
     u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(1, d, CHUNK + 1, n, torch.float32, seed=9))
     delta = delta.clone()
@@ -225,15 +225,41 @@ def _require_avx512():
         pytest.skip("this build of the kernel has no AVX-512 step loop")
 
 
-@pytest.mark.parametrize("avx512", [False, True], ids=["generic", "avx512"])
-def test_fast_exp_accuracy_and_edges(avx512):
-    """The kernel's fp32 exp (decays, gates, softplus; and the AVX-512 one of the fp32 step loop): within
-    2e-7 relative of 2^(its own fp32 argument x * log2 e) over the whole normal range, within
+@pytest.fixture(scope="module")
+def avx2_ext():
+    """The kernel built without AVX-512, as AVX2-only CPUs run it (8-channel tiled forward, compiler-vectorised
+    per-row loops): on an AVX-512 machine it would otherwise go untested. Where the native build is not an
+    AVX-512 one, that build is already what this machine runs and the tests below cover it directly."""
+    _require_avx512()
+    from torch.utils.cpp_extension import load
+
+    cflags, ldflags = scan_cpu._BASE_FLAGS + ["-march=native", "-mno-avx512f", "-fopenmp"], ["-fopenmp"]
+    module = load(name=scan_cpu._build_name("noavx512", cflags, ldflags), sources=[scan_cpu._SOURCE],
+                  extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+    assert not module.avx512_step_loop()
+    assert module.reads_bc_rows() and module.tile_lanes() == 8  # every AVX-512 CPU has AVX2 and FMA
+    return module
+
+
+@pytest.fixture(params=["native", "avx2"])
+def build(request, monkeypatch):
+    """The kernel build under test, installed as scan_cpu's module so that the entry point runs it too."""
+    if request.param == "native":
+        return scan_cpu._ext()
+    module = request.getfixturevalue("avx2_ext")
+    monkeypatch.setattr(scan_cpu, "_module", module)
+    return module
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["generic", "vector"])
+def test_fast_exp_accuracy_and_edges(build, vector):
+    """The kernel's fp32 exp (decays, gates, softplus; and the SIMD one of the step loops, AVX-512 or AVX2):
+    within 2e-7 relative of 2^(its own fp32 argument x * log2 e) over the whole normal range, within
     2e-7 + |x| * 1e-7 of exp(x) (the argument's fp32 rounding), exactly 1 at 0, and the documented edges:
     0 below, +inf on overflow, NaN through."""
-    if avx512:
-        _require_avx512()
-    fast_exp = lambda v: scan_cpu._ext().fast_exp(v, avx512)  # noqa: E731
+    if vector and not build.tile_lanes():
+        pytest.skip("this build of the kernel has no SIMD exp")
+    fast_exp = lambda v: build.fast_exp(v, vector)  # noqa: E731
     x = torch.linspace(-87.0, 88.0, 2_000_001, dtype=torch.float32)
     y = fast_exp(x).double()
     arg = (x * 1.44269504088896341).double()  # fp32 product, as inside the kernel
@@ -245,26 +271,30 @@ def test_fast_exp_accuracy_and_edges(avx512):
     torch.testing.assert_close(fast_exp(edges), expected, equal_nan=True, rtol=0, atol=0)
 
 
-def test_avx512_exp_is_bit_identical_to_generic():
-    """The forward's AVX-512 decays and the backward's recompute must give the same states: the two exps agree
-    bit for bit wherever the result is a normal number or 0 (the AVX-512 one is exact, not inf, in
-    [127.5, 128) of its argument, outside any decay's range)."""
-    _require_avx512()
-    ext = scan_cpu._ext()
+def test_vector_exp_is_bit_identical_to_generic(build):
+    """The forward's SIMD decays and the backward's recompute must give the same states: the two exps agree
+    bit for bit wherever the result is a normal number or 0. The AVX-512 one (vscalefps) is exact, not inf,
+    in [127.5, 128) of its argument, outside any decay's range; the AVX2 one is identical there too."""
+    if not build.tile_lanes():
+        pytest.skip("this build of the kernel has no SIMD exp")
     x = torch.cat([torch.linspace(-90.0, 88.3, 1_000_003), (torch.randn(100_000) * 30).clamp(max=88.3),
                    torch.tensor([0.0, -0.0, -87.6, -87.7, -88.0, float("-inf"), float("nan")])])
-    assert torch.equal(ext.fast_exp(x, True).nan_to_num(7.0), ext.fast_exp(x, False).nan_to_num(7.0))
-    near_max = torch.tensor([88.4, 88.7])  # x log2(e) in [127.5, 128): the true value, not inf
-    torch.testing.assert_close(ext.fast_exp(near_max, True).double(), near_max.double().exp(), rtol=1e-5, atol=0)
+    assert torch.equal(build.fast_exp(x, True).nan_to_num(7.0), build.fast_exp(x, False).nan_to_num(7.0))
+    near_max = torch.tensor([88.4, 88.7])  # x log2(e) in [127.5, 128)
+    if build.avx512_step_loop():  # the true value
+        torch.testing.assert_close(build.fast_exp(near_max, True).double(), near_max.double().exp(), rtol=1e-5,
+                                   atol=0)
+    else:
+        assert torch.equal(build.fast_exp(near_max, True), build.fast_exp(near_max, False))
 
 
-@pytest.mark.parametrize("d,n", [(3, 8), (3, 16), (3, 64), (16, 16), (32, 64)])
-def test_forward_reads_both_bc_layouts(d, n):
+@pytest.mark.parametrize("d,n", [(3, 8), (3, 16), (3, 64), (8, 8), (16, 16), (32, 64)])
+def test_forward_reads_both_bc_layouts(build, d, n):
     """scan_fwd takes B, C as (batch, n, L) rows (unit stride along L, any batch/state strides: the mixer's
     slices of x_proj's output) or as a transposed view of (batch, L, n) memory; both give the same bits (per-row
-    and, with d and n multiples of 16, tiled loop), and any other layout is refused with a message naming the
+    and, with d and n multiples of W, tiled loop), and any other layout is refused with a message naming the
     tensor."""
-    ext = scan_cpu._ext()
+    ext = build
     batch, L = 2, 2 * CHUNK + 9
     u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(batch, d, L, n, torch.float32, seed=11))
     proj = torch.randn(batch, 5 + 2 * n, L)  # (batch, dt_rank + 2n, L), as x_proj writes it
@@ -283,87 +313,76 @@ def test_forward_reads_both_bc_layouts(d, n):
         ext.scan_fwd(u, delta, A, B[:, :, :-1], C, D, z, bias, True)
 
 
-@pytest.fixture(scope="module")
-def generic_ext():
-    """The kernel built without AVX-512, as AVX2-only CPUs run it: on an AVX-512 machine its generic fp32
-    step loop (and the (batch, L, n) copy of B, C the wrapper makes for it) would otherwise go untested."""
-    _require_avx512()
-    from torch.utils.cpp_extension import load
-
-    cflags, ldflags = scan_cpu._BASE_FLAGS + ["-march=native", "-mno-avx512f", "-fopenmp"], ["-fopenmp"]
-    module = load(name=scan_cpu._build_name("noavx512", cflags, ldflags), sources=[scan_cpu._SOURCE],
-                  extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
-    assert not module.avx512_step_loop()
-    return module
-
-
-@pytest.mark.parametrize("n", [16, 64])
-def test_generic_build_matches_avx512_build(generic_ext, n):
+@pytest.mark.parametrize("d,n", [(4, 16), (4, 64), (16, 16), (16, 64)])
+def test_avx2_build_matches_avx512_build(avx2_ext, d, n):
+    """Forward (per-row loops with d = 4, tiled with d = 16) and backward of the two builds: the same results
+    to fp32 rounding (the loops sum in different orders)."""
     native = scan_cpu._ext()
-    batch, d, L = 2, 4, 2 * CHUNK + 9
+    batch, L = 2, 2 * CHUNK + 9
     u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(batch, d, L, n, torch.float32, seed=12))
     dout = torch.randn(batch, d, L, generator=torch.Generator().manual_seed(3))
     Bt, Ct = (X.transpose(1, 2).contiguous() for X in (B, C))  # (batch, L, n): the backward's layout
     results = {}
-    for name, ext, Bf, Cf in (("generic", generic_ext, Bt.transpose(1, 2), Ct.transpose(1, 2)),
-                              ("avx512", native, B, C)):
-        out, ck = ext.scan_fwd(u, delta, A, Bf, Cf, D, z, bias, True)
+    for name, ext in (("avx2", avx2_ext), ("avx512", native)):
+        assert ext.tiled_forward(d, n) == (d == 16)
+        out, ck = ext.scan_fwd(u, delta, A, B, C, D, z, bias, True)
         steps = ext.scan_steps(delta, bias, True)
         results[name] = (out, ck, *ext.scan_bwd(dout, u, steps, A, Bt, Ct, D, z, ck))
     ref = selective_scan_reference(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
-    assert rel_err(results["generic"][0], ref) < 1e-4
-    for a, b in zip(results["generic"], results["avx512"]):
+    assert rel_err(results["avx2"][0], ref) < 1e-4
+    for a, b in zip(results["avx2"], results["avx512"]):
         assert rel_err(a, b.double()) < 1e-5
 
 
-# ---- the tiled AVX-512 forward (16 channels per tile, one per SIMD lane): d a multiple of 16, n of 16 ----
+# ---- the tiled forward (W = 16 channels per tile with AVX-512, 8 with AVX2; one per SIMD lane): d and n
+# multiples of W. Every test runs on the native build and, on an AVX-512 machine, on the AVX2 build too. ----
 
-def _require_tiled():
-    _require_avx512()
-    if not scan_cpu._ext().tiled_forward(16, 16):
+def _require_tiled(build):
+    if not build.tile_lanes():
         pytest.skip("this build of the kernel has no tiled forward")
+    return build.tile_lanes()
 
 
 @pytest.mark.parametrize("with_D,with_z,with_bias,softplus", FLAGS)
-def test_tiled_forward_all_options(with_D, with_z, with_bias, softplus):
+def test_tiled_forward_all_options(build, with_D, with_z, with_bias, softplus):
     """Values and gradients through the entry point (the tiled loop reads the mixer's B, C rows in place)."""
-    _require_tiled()
+    _require_tiled(build)
     inputs = cpu_inputs(2, 32, 2 * CHUNK + 5, 16, D=with_D, z=with_z, delta_bias=with_bias, softplus=softplus,
                         seed=13)
     check_against_reference(inputs, softplus, 1e-4)
 
 
-@pytest.mark.parametrize("n", [16, 32, 64, 128])
-def test_tiled_forward_state_sizes(n):
-    _require_tiled()
+@pytest.mark.parametrize("n", [8, 16, 32, 64, 128])
+def test_tiled_forward_state_sizes(build, n):
+    lanes = _require_tiled(build)
+    assert build.tiled_forward(16, n) == (n % lanes == 0)  # n = 8 with AVX-512: the per-row loop
     check_against_reference(cpu_inputs(1, 16, CHUNK + 9, n, seed=n), True, 1e-4)
 
 
-@pytest.mark.parametrize("L", [1, 15, 17, CHUNK, 3 * CHUNK + 1])
-def test_tiled_forward_lengths(L):
-    # short chunks: the last 16-step block of a chunk is partly past its end
-    _require_tiled()
+@pytest.mark.parametrize("L", [1, 7, 9, 15, 17, CHUNK, 3 * CHUNK + 1])
+def test_tiled_forward_lengths(build, L):
+    # short chunks: the last W-step block of a chunk is partly past its end
+    _require_tiled(build)
     check_against_reference(cpu_inputs(2, 16, L, 16, seed=L), True, 1e-4)
 
 
 @pytest.mark.parametrize("n", [16, 64])
-def test_tiled_and_per_row_forward_agree(n):
+def test_tiled_and_per_row_forward_agree(build, n):
     """The same 48 channels by the tiled loop (d = 48) and by the per-row loop (one more channel, d = 49, so
-    d is no multiple of 16): the states, hence the checkpoints the backward starts from, are bit-identical;
+    d is no multiple of W): the states, hence the checkpoints the backward starts from, are bit-identical;
     y = C.h is summed in another order, so the outputs agree to fp32 rounding. The tiled result does not
     depend on the thread count."""
-    _require_tiled()
-    ext = scan_cpu._ext()
-    assert ext.tiled_forward(48, n) and not ext.tiled_forward(49, n)
+    _require_tiled(build)
+    assert build.tiled_forward(48, n) and not build.tiled_forward(49, n)
     u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(3, 49, 2 * CHUNK + 9, n, seed=14))
     before = torch.get_num_threads()
     try:
         runs = []
         for threads in (1, max(2, before)):
             torch.set_num_threads(threads)
-            runs.append(ext.scan_fwd(u[:, :48].contiguous(), delta[:, :48].contiguous(), A[:48], B, C, D[:48],
-                                     z[:, :48].contiguous(), bias[:48], True))
-        out_rows, ck_rows = ext.scan_fwd(u, delta, A, B, C, D, z, bias, True)
+            runs.append(build.scan_fwd(u[:, :48].contiguous(), delta[:, :48].contiguous(), A[:48], B, C, D[:48],
+                                       z[:, :48].contiguous(), bias[:48], True))
+        out_rows, ck_rows = build.scan_fwd(u, delta, A, B, C, D, z, bias, True)
     finally:
         torch.set_num_threads(before)
     (tiled, ck_tiled), (tiled2, ck_tiled2) = runs
@@ -396,21 +415,13 @@ def test_portable_build_fallback_warns(monkeypatch):
 
 @pytest.mark.parametrize("d,n,dtype", [(3, 5, torch.float32), (3, 16, torch.float32), (32, 64, torch.float32),
                                        (3, 8, torch.float64)], ids=["run-time-n", "per-row", "tiled", "fp64"])
-def test_forward_without_checkpoints(d, n, dtype):
+def test_forward_without_checkpoints(build, d, n, dtype):
     """save_checkpoints=False (inference) gives the same output bits and an empty checkpoint tensor."""
     u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(2, d, 2 * CHUNK + 9, n, dtype, seed=15))
     out, ck = scan_cpu.forward(u, delta, A, B, C, D, z, bias, True)
     out_nock, no_ck = scan_cpu.forward(u, delta, A, B, C, D, z, bias, True, save_checkpoints=False)
     assert torch.equal(out, out_nock)
     assert ck.shape == scan_cpu.checkpoint_shape(2, d, 2 * CHUNK + 9, n) and no_ck.numel() == 0
-
-
-def test_generic_build_forward_without_checkpoints(generic_ext):
-    u, delta, A, B, C, D, z, bias = as_args(cpu_inputs(2, 4, 2 * CHUNK + 9, 16, seed=16))
-    Bs, Cs = (X.transpose(1, 2).contiguous().transpose(1, 2) for X in (B, C))
-    out, _ = generic_ext.scan_fwd(u, delta, A, Bs, Cs, D, z, bias, True)
-    out_nock, no_ck = generic_ext.scan_fwd(u, delta, A, Bs, Cs, D, z, bias, True, save_checkpoints=False)
-    assert torch.equal(out, out_nock) and no_ck.numel() == 0
 
 
 def test_entry_point_skips_checkpoints_only_without_grad(monkeypatch):

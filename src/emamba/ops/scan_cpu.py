@@ -159,22 +159,27 @@ def _transpose_bc(X: Tensor) -> Tensor:
 
 
 def reads_bc_rows() -> bool:
-    """True when the forward kernel reads B, C as (batch, n, L) rows (its AVX-512 loops are compiled).
+    """True when the forward kernel reads B, C as (batch, n, L) rows (its tiled loop is compiled).
 
-    The kernel takes two layouts (``check_bc`` in the C++ source). The AVX-512 loops read rows with unit
-    stride along L in place and transpose them chunk by chunk (the Mamba mixer's slices of x_proj's output
-    already have that layout, so its forward makes no copy); the generic loop runs faster on a transposed
-    view of a (batch, L, n) copy. The backward makes its own (batch, L, n) copy either way.
+    The kernel takes two layouts (``check_bc`` in the C++ source). Builds with the tiled forward (AVX-512, or
+    AVX2 + FMA) read rows with unit stride along L in place and transpose them chunk by chunk in register
+    blocks (the Mamba mixer's slices of x_proj's output already have that layout, so its forward makes no
+    copy); the generic loop runs faster on a transposed view of a (batch, L, n) copy. The backward makes its
+    own (batch, L, n) copy either way.
     """
-    return bool(_ext().avx512_step_loop())
+    return bool(_ext().reads_bc_rows())
 
 
 def kernel_variant() -> str:
-    """Which fp32 forward this build runs: ``"avx512"`` (the hand-vectorised loops) or ``"generic"``.
+    """Which fp32 loops this build runs: ``"avx512"`` (hand-vectorised forward and backward, 16-channel
+    tiles), ``"avx2"`` (8-channel tiled forward, compiler-vectorised backward) or ``"generic"``.
 
-    Speeds differ between the two (README, Performance), so benchmark rows record it.
+    Speeds differ between them (README, Performance), so benchmark rows record it.
     """
-    return "avx512" if reads_bc_rows() else "generic"
+    ext = _ext()
+    if ext.avx512_step_loop():
+        return "avx512"
+    return "avx2" if ext.reads_bc_rows() else "generic"
 
 
 def forward_bc_layout(X: Tensor, rows: bool) -> Tensor:

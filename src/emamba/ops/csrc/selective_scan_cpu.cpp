@@ -11,17 +11,17 @@
 //  * Layout. For a fixed (b, d) we stream over t; B and C are (batch, n, L), so their columns for one t
 //    are strided by L. The inner loops over the state dimension n want them contiguous: the backward (and
 //    the forward's generic loop) get B and C transposed to (batch, L, n) by the wrapper (an O(batch*L*n)
-//    copy); the forward's AVX-512 loops read the (batch, n, L) rows and transpose one chunk at a time into
-//    a small buffer shared by the rows (tiles) of a batch element (see check_bc).
+//    copy); builds with the tiled forward (AVX-512 or AVX2) read the (batch, n, L) rows and transpose one
+//    chunk at a time into a small buffer shared by the rows (tiles) of a batch element (see check_bc).
 //  * Chunk-major order. A task advances all of its rows (same batch element) through chunk c before
 //    moving to chunk c+1 (backward: c-1), so the kChunk*n slices of B, C (and of the dB/dC accumulators)
 //    are loaded from memory once per chunk and reused from cache by every row.
 //  * exp(dt*A) per (t, n) is the dominant cost: see Exp<float> (vectorised polynomial); computed in its
-//    own loop over the chunk, where the exps are independent and overlap well. With AVX-512 the fp32
-//    forward instead runs a hand-vectorised step loop, the exps (two AVX-512 instructions shorter,
-//    exp2_avx512) computed in the step loop itself: over tiles of 16 channels, one per zmm lane
-//    (forward_tiles_avx512: no horizontal sums; every EMamba shape), else row by row with the state in
-//    zmm registers (forward_chunk_avx512).
+//    own loop over the chunk, where the exps are independent and overlap well. With AVX-512 or AVX2 the
+//    fp32 forward instead runs a hand-vectorised step loop, the exps computed in the step loop itself:
+//    over tiles of W channels, one per SIMD lane (forward_tiles, W = 16 with AVX-512, whose exp2_avx512 is
+//    two instructions shorter, 8 with AVX2: no horizontal sums; every EMamba shape), else (AVX-512 only)
+//    row by row with the state in zmm registers (forward_chunk_avx512).
 //  * Elementwise work on (b, d, t) is fused here per chunk: the silu(z) gate and its derivative, and in the
 //    forward the step prologue dt = softplus(delta + delta_bias) (see Softplus<float>). The backward takes
 //    the effective step from the Python wrapper, which also chains the gradient through softplus with ATen.
@@ -43,13 +43,18 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-// The fp32 forward's AVX-512 step loop (forward_chunk_avx512) needs AVX512F and AVX512DQ. One definition for
-// the loop, its dispatch and avx512_step_loop(), which tells the wrapper which B/C layout to hand over.
+// The fp32 AVX-512 step loops (forward_chunk_avx512, forward_tiles with 16 lanes, backward_chunk_avx512) need
+// AVX512F and AVX512DQ. One definition for the loops, their dispatch and avx512_step_loop().
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #define EMAMBA_AVX512_STEP_LOOP 1
+#endif
+// The tiled fp32 forward (forward_tiles): 16 channels per zmm register with AVX-512, else 8 per ymm register
+// with AVX2 + FMA (TileLanes). Builds that have it read B and C as (batch, n, L) rows (reads_bc_rows()).
+#if defined(EMAMBA_AVX512_STEP_LOOP) || (defined(__AVX2__) && defined(__FMA__))
+#define EMAMBA_TILED_FORWARD 1
 #endif
 
 namespace {
@@ -313,22 +318,6 @@ inline void forward_chunk_avx512(const float* __restrict u, const float* __restr
   }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// The fp32 AVX-512 forward over tiles of kTileRows = 16 rows: channels d0 .. d0 + 15 of one batch element,
-// one zmm lane per channel. The per-row loop above holds one row's state across the lanes, so every step
-// ends in a horizontal sum (y_t = C_t . h_t) of ~9 shuffles and adds: at n = 16 that is as much work as
-// the step itself, at n = 64 about 15%. With the lanes across channels, C_t . h_t is a plain FMA chain
-// over the state index, B_t[k] and C_t[k] (shared by the 16 channels) are one broadcast load each, and
-// the state is G zmm registers per pass over the chunk (G state indices at a time; the passes are
-// independent: each index has its own recurrence). G = 8: with 16 the loop ran out of registers (1.14x
-// slower at stage 1), 4 measured the same as 8. h_t and the checkpoints are bit-identical to the
-// per-row loop (same exp, same products, same FMA); y sums C_t[k] h_t[k] in a different order:
-//   acc_j = C_j h_j, then acc_j = fma(C_{j+4i}, h_{j+4i}, acc_j) for i = 1 .. G/4 - 1 (j = 0 .. 3),
-//   y_pass = (acc_0 + acc_1) + (acc_2 + acc_3), y = y_pass(0) + y_pass(1) + ... in pass order,
-// so y differs from the backward's recompute of it (used only for dz) by fp32 rounding.
-// ---------------------------------------------------------------------------------------------------
-constexpr int64_t kTileRows = 16;
-
 // dst[c * ds + r] = src[r * ss + c] for r, c < 16, in 56 shuffles: 4 x 4 transposes inside the 128-bit
 // lanes (two rounds of unpacks), then the 4 x 4 transpose of the lanes themselves. Moves the tile's rows
 // (one per channel, along t) to and from the (t, 16) layout of the step loop, and the state to checkpoints.
@@ -358,53 +347,141 @@ static inline __attribute__((always_inline)) void transpose16(const float* __res
     _mm512_storeu_ps(dst + (12 + e) * ds, _mm512_shuffle_f32x4(x1, x3, 0xDD));
   }
 }
+#endif
 
-// transpose_chunk (steps [t0, t1) of n rows src + k * sn to (t1 - t0, n)) in 16 x 16 blocks; n % 16 == 0.
-// The steps past the last full block of 16 are copied one by one: a block would read past the row's end.
-static inline void transpose_chunk_avx512(const float* __restrict src, int64_t sn, int64_t n, int64_t t0,
-                                          int64_t t1, float* __restrict buf) {
-  const int64_t full = t0 + (t1 - t0) / 16 * 16;
-  for (int64_t k = 0; k < n; k += 16) {
-    for (int64_t t = t0; t < full; t += 16) transpose16(src + k * sn + t, sn, buf + (t - t0) * n + k, n);
-    for (int64_t j = k; j < k + 16; ++j)
+#ifdef EMAMBA_TILED_FORWARD
+// ---------------------------------------------------------------------------------------------------
+// The fp32 forward over tiles of kTileRows = W rows: channels d0 .. d0 + W - 1 of one batch element, one SIMD
+// lane per channel (W = 16 with AVX-512, 8 with AVX2; TileLanes). The per-row loops hold one row's state
+// across the lanes, so every step ends in a horizontal sum (y_t = C_t . h_t) of ~9 shuffles and adds: at
+// n = 16 that is as much work as the step itself, at n = 64 about 15%. With the lanes across channels,
+// C_t . h_t is a plain FMA chain over the state index, B_t[k] and C_t[k] (shared by the W channels) are one
+// broadcast load each, and the state is G registers per pass over the chunk (G state indices at a time;
+// the passes are independent: each index has its own recurrence). G = 8 (kTileStates): with AVX-512, 16 ran
+// out of the 32 registers (1.14x slower at stage 1) and 4 measured the same as 8; see kTileStates for AVX2.
+// h_t and the checkpoints are bit-identical to the per-row loop (same exp, same products, same FMA); y sums
+// C_t[k] h_t[k] in a different order:
+//   acc_j = C_j h_j, then acc_j = fma(C_{j+4i}, h_{j+4i}, acc_j) for i = 1 .. G/4 - 1 (j = 0 .. 3),
+//   y_pass = (acc_0 + acc_1) + (acc_2 + acc_3), y = y_pass(0) + y_pass(1) + ... in pass order,
+// so y differs from the backward's recompute of it (used only for dz) by fp32 rounding.
+// ---------------------------------------------------------------------------------------------------
+struct TileLanes {
+#ifdef EMAMBA_AVX512_STEP_LOOP
+  using V = __m512;
+  static constexpr int64_t W = 16;
+  static inline __attribute__((always_inline)) V load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline __attribute__((always_inline)) void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline __attribute__((always_inline)) V set1(float x) { return _mm512_set1_ps(x); }
+  static inline __attribute__((always_inline)) V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline __attribute__((always_inline)) V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static inline __attribute__((always_inline)) V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline __attribute__((always_inline)) V exp2(V x) { return exp2_avx512(x); }
+  static inline __attribute__((always_inline)) void transpose(const float* __restrict src, int64_t ss,
+                                                              float* __restrict dst, int64_t ds) {
+    transpose16(src, ss, dst, ds);
+  }
+#else
+  using V = __m256;
+  static constexpr int64_t W = 8;
+  static inline __attribute__((always_inline)) V load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline __attribute__((always_inline)) void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline __attribute__((always_inline)) V set1(float x) { return _mm256_set1_ps(x); }
+  static inline __attribute__((always_inline)) V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline __attribute__((always_inline)) V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static inline __attribute__((always_inline)) V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  // Exp<float>::exp2 on 8 lanes, bit for bit: the same clamp (max(-127, x) keeps NaN), shifter rounding,
+  // Horner FMAs and exponent-bit construction (the integer clamp at k = 128 gives inf).
+  static inline __attribute__((always_inline)) V exp2(V x) {
+    const V shifter = _mm256_set1_ps(12582912.0f);
+    const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);  // max(a, b) returns b when either is NaN
+    const V t = _mm256_add_ps(xc, shifter);
+    const V r = _mm256_sub_ps(xc, _mm256_sub_ps(t, shifter));
+    V p = _mm256_set1_ps(1.326472731307149e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.671512991189957e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550733581185341e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022242426872253e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931470036506653e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i tb = _mm256_min_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 + 128));
+    const __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(tb, 23), _mm256_set1_epi32(127 << 23));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+  // dst[c * ds + r] = src[r * ss + c] for r, c < 8, in 24 shuffles: unpacks and shuffles transpose the 4 x 4
+  // blocks inside the 128-bit halves, permute2f128 swaps the off-diagonal halves.
+  static inline __attribute__((always_inline)) void transpose(const float* __restrict src, int64_t ss,
+                                                              float* __restrict dst, int64_t ds) {
+    __m256 r[8], t[8], s[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // s[i + e]: column e (half 0) and e + 4 (half 1) of rows i .. i + 3
+      s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int e = 0; e < 4; ++e) {
+      _mm256_storeu_ps(dst + e * ds, _mm256_permute2f128_ps(s[e], s[4 + e], 0x20));
+      _mm256_storeu_ps(dst + (4 + e) * ds, _mm256_permute2f128_ps(s[e], s[4 + e], 0x31));
+    }
+  }
+#endif
+};
+
+constexpr int64_t kTileRows = TileLanes::W;
+constexpr int kTileStates = 8;  // G
+
+// transpose_chunk (steps [t0, t1) of n rows src + k * sn to (t1 - t0, n)) in W x W blocks; n % W == 0.
+// The steps past the last full block of W are copied one by one: a block would read past the row's end.
+static inline void transpose_chunk_tiles(const float* __restrict src, int64_t sn, int64_t n, int64_t t0,
+                                         int64_t t1, float* __restrict buf) {
+  constexpr int64_t W = TileLanes::W;
+  const int64_t full = t0 + (t1 - t0) / W * W;
+  for (int64_t k = 0; k < n; k += W) {
+    for (int64_t t = t0; t < full; t += W) TileLanes::transpose(src + k * sn + t, sn, buf + (t - t0) * n + k, n);
+    for (int64_t j = k; j < k + W; ++j)
       for (int64_t t = full; t < t1; ++t) buf[(t - t0) * n + j] = src[j * sn + t];
   }
 }
 
-// Whether scan_fwd runs forward_tiles_avx512 (else the per-row loop) for these sizes.
-inline bool tiled_forward(int64_t d, int64_t n) { return d % kTileRows == 0 && n % 16 == 0; }
+// Whether scan_fwd runs forward_tiles (else the per-row loop) for these sizes.
+inline bool tiled_forward(int64_t d, int64_t n) { return d % kTileRows == 0 && n % TileLanes::W == 0; }
 
-// len steps of one tile. DT, DTU: (len, 16) steps dt and dt * u; At: (n, 16) A * log2(e); Bk, Ck: B and C
+// len steps of one tile. DT, DTU: (len, W) steps dt and dt * u; At: (n, W) A * log2(e); Bk, Ck: B and C
 // of the steps as (len, n): the G values of a pass are at fixed offsets from one pointer (read from
 // (batch, n, L) rows, each would need its own address register: the loop ran out of them and reloaded
-// from the stack); H: (n, 16) state, in and out; Y: (len, 16) output C_t . h_t.
+// from the stack); H: (n, W) state, in and out; Y: (len, W) output C_t . h_t.
 template <int G>
-inline void forward_tile_avx512(const float* __restrict DT, const float* __restrict DTU,
-                                const float* __restrict At, const float* __restrict Bk,
-                                const float* __restrict Ck, int64_t len, int64_t n, float* __restrict H,
-                                float* __restrict Y) {
+inline void forward_tile(const float* __restrict DT, const float* __restrict DTU, const float* __restrict At,
+                         const float* __restrict Bk, const float* __restrict Ck, int64_t len, int64_t n,
+                         float* __restrict H, float* __restrict Y) {
   static_assert(G % 4 == 0, "four accumulators of C.h");
+  using Lanes = TileLanes;
+  using V = Lanes::V;
+  constexpr int64_t W = Lanes::W;
   for (int64_t g = 0; g < n; g += G) {
-    __m512 hv[G];
-    for (int j = 0; j < G; ++j) hv[j] = _mm512_loadu_ps(H + (g + j) * kTileRows);
-    const float* __restrict Ag = At + g * kTileRows;
+    V hv[G];
+    for (int j = 0; j < G; ++j) hv[j] = Lanes::load(H + (g + j) * W);
+    const float* __restrict Ag = At + g * W;
     for (int64_t i = 0; i < len; ++i) {
-      const __m512 dtv = _mm512_loadu_ps(DT + i * kTileRows);
-      const __m512 duv = _mm512_loadu_ps(DTU + i * kTileRows);
+      const V dtv = Lanes::load(DT + i * W);
+      const V duv = Lanes::load(DTU + i * W);
       const float* __restrict bt = Bk + i * n + g;
       const float* __restrict ct = Ck + i * n + g;
-      __m512 acc[4];
+      V acc[4];
       for (int j = 0; j < G; ++j) {
-        const __m512 a = exp2_avx512(_mm512_mul_ps(dtv, _mm512_loadu_ps(Ag + j * kTileRows)));
-        hv[j] = _mm512_fmadd_ps(a, hv[j], _mm512_mul_ps(duv, _mm512_set1_ps(bt[j])));
-        const __m512 c = _mm512_set1_ps(ct[j]);
-        acc[j % 4] = j < 4 ? _mm512_mul_ps(c, hv[j]) : _mm512_fmadd_ps(c, hv[j], acc[j % 4]);
+        const V a = Lanes::exp2(Lanes::mul(dtv, Lanes::load(Ag + j * W)));
+        hv[j] = Lanes::fmadd(a, hv[j], Lanes::mul(duv, Lanes::set1(bt[j])));
+        const V c = Lanes::set1(ct[j]);
+        acc[j % 4] = j < 4 ? Lanes::mul(c, hv[j]) : Lanes::fmadd(c, hv[j], acc[j % 4]);
       }
-      const __m512 y = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-      float* __restrict yr = Y + i * kTileRows;
-      _mm512_storeu_ps(yr, g == 0 ? y : _mm512_add_ps(_mm512_loadu_ps(yr), y));
+      const V y = Lanes::add(Lanes::add(acc[0], acc[1]), Lanes::add(acc[2], acc[3]));
+      float* __restrict yr = Y + i * W;
+      Lanes::store(yr, g == 0 ? y : Lanes::add(Lanes::load(yr), y));
     }
-    for (int j = 0; j < G; ++j) _mm512_storeu_ps(H + (g + j) * kTileRows, hv[j]);
+    for (int j = 0; j < G; ++j) Lanes::store(H + (g + j) * W, hv[j]);
   }
 }
 #endif
@@ -818,37 +895,45 @@ bool check_bc(const at::Tensor& t, const char* name, at::ScalarType dtype, int64
 
 // Copies steps [t0, t1) of one batch element's B or C ((n, L) rows with stride `sn`) into buf as (t1 - t0, n):
 // the step loop reads the state vector of one step contiguously. Done once per chunk and batch element and
-// reused by all of a task's rows, it replaces a whole-tensor transposed copy ahead of the kernel.
+// reused by all of a task's rows, it replaces a whole-tensor transposed copy ahead of the kernel. In W x W
+// register blocks (transpose_chunk_tiles) where the build has them and n allows, else element by element.
 template <typename T>
 inline void transpose_chunk(const T* __restrict src, int64_t sn, int64_t n, int64_t t0, int64_t t1,
                             T* __restrict buf) {
+#ifdef EMAMBA_TILED_FORWARD
+  if constexpr (std::is_same_v<T, float>) {
+    if (n % TileLanes::W == 0) {
+      transpose_chunk_tiles(src, sn, n, t0, t1, buf);
+      return;
+    }
+  }
+#endif
   for (int64_t k = 0; k < n; ++k) {
     const T* __restrict row = src + k * sn;
     for (int64_t t = t0; t < t1; ++t) buf[(t - t0) * n + k] = row[t];
   }
 }
 
-#ifdef EMAMBA_AVX512_STEP_LOOP
-// scan_fwd for fp32 when d is a multiple of kTileRows and n of 16 (B and C in either layout of check_bc):
-// forward_tile_avx512 over tiles of 16 channels. As in the per-row forward, a task's tiles of one batch
-// element advance chunk by chunk together (the chunk's B and C stay in cache for all of them), each with
-// its scaled A and running state in (n, 16) buffers. Per tile and chunk: the 16 rows' steps and dt * u
-// are computed row by row and transposed to (len, 16) in 16 x 16 blocks (transpose16), and y comes back
-// the same way for y + D u and the silu(z) gate; the state goes to its 16 checkpoints by transpose16 too.
+#ifdef EMAMBA_TILED_FORWARD
+// scan_fwd for fp32 when d and n are multiples of W (B and C in either layout of check_bc): forward_tile over
+// tiles of W channels. As in the per-row forward, a task's tiles of one batch element advance chunk by chunk
+// together (the chunk's B and C stay in cache for all of them), each with its scaled A and running state
+// in (n, W) buffers. Per tile and chunk: the W rows' steps and dt * u
+// are computed row by row and transposed to (len, W) in W x W blocks (TileLanes::transpose), and y comes
+// back the same way for y + D u and the silu(z) gate; the state goes to its W checkpoints the same way.
 // (A template only so that scan_fwd's dispatch compiles for fp64 too; the body exists for fp32 alone.)
 template <typename T>
-void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp, int64_t sBb, int64_t sBn,
-                          bool B_rows, const T* Cp, int64_t sCb, int64_t sCn, bool C_rows, const T* Dp,
-                          const T* zp, const T* biasp, bool softplus, int64_t batch, int64_t d, int64_t L,
-                          int64_t n, T* op, T* cp) {
+void forward_tiles(const T* up, const T* deltap, const T* Ap, const T* Bp, int64_t sBb, int64_t sBn, bool B_rows,
+                   const T* Cp, int64_t sCb, int64_t sCn, bool C_rows, const T* Dp, const T* zp, const T* biasp,
+                   bool softplus, int64_t batch, int64_t d, int64_t L, int64_t n, T* op, T* cp) {
   if constexpr (std::is_same_v<T, float>) {
     constexpr int64_t R = kTileRows;
     const int64_t nc = num_chunks(L), tiles_per_batch = d / R;
     const bool raw_steps = !biasp && !softplus;
     const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, R * L * n));
     at::parallel_for(0, batch * tiles_per_batch, grain, [&](int64_t begin, int64_t end) {
-      // Row-major (16, kChunk) buffers for dt and dt * u (then y), and their (kChunk, 16) transposes. Zeroed
-      // once: the last 16-step block of a short chunk transposes columns past its end (never read back).
+      // Row-major (W, kChunk) buffers for dt and dt * u (then y), and their (kChunk, W) transposes. Zeroed
+      // once: the last W-step block of a short chunk transposes columns past its end (never read back).
       std::vector<float> dt_row(raw_steps ? 0 : L), rows(2 * R * kChunk, 0.0f), DT(kChunk * R, 0.0f),
           DTU(kChunk * R, 0.0f), Y(kChunk * R, 0.0f);
       float* __restrict row_dt = rows.data();
@@ -858,7 +943,7 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
       // B and C of the chunk as (kChunk, n), when they come as rows
       std::vector<float> Bc(B_rows ? kChunk * n : 0), Cc(C_rows ? kChunk * n : 0);
 
-      // The 16 rows of the tile-chunk that follows (prefetch_row_chunk).
+      // The W rows of the tile-chunk that follows (prefetch_row_chunk).
       auto prefetch_rows = [&](int64_t r0, int64_t t0) {
         for (int64_t r = r0; r < r0 + R; ++r) {
           prefetch_row_chunk(deltap + r * L, t0, L);
@@ -867,7 +952,7 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
         }
       };
 
-      // Steps [t0, t1) of the tile at rows r0 .. r0 + 15 (channels d0 .. d0 + 15 of batch element b).
+      // Steps [t0, t1) of the tile at rows r0 .. r0 + W - 1 (channels d0 .. d0 + W - 1 of batch element b).
       auto run_tile_chunk = [&](const float* Bk, const float* Ck, int64_t r0, int64_t c, float* at, float* h) {
         const int64_t d0 = r0 % d, t0 = c * kChunk, t1 = std::min(L, t0 + kChunk), len = t1 - t0;
         for (int64_t lane = 0; lane < R; ++lane) {
@@ -885,13 +970,13 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
             ru[i] = dt[t0 + i] * u[t0 + i];
           }
         }
-        for (int64_t i = 0; i < len; i += 16) {
-          transpose16(row_dt + i, kChunk, DT.data() + i * R, R);
-          transpose16(row_dtu + i, kChunk, DTU.data() + i * R, R);
+        for (int64_t i = 0; i < len; i += R) {
+          TileLanes::transpose(row_dt + i, kChunk, DT.data() + i * R, R);
+          TileLanes::transpose(row_dtu + i, kChunk, DTU.data() + i * R, R);
         }
-        forward_tile_avx512<8>(DT.data(), DTU.data(), at, Bk, Ck, len, n, h, Y.data());
-        float* __restrict row_y = row_dt;  // (16, kChunk): y of each channel
-        for (int64_t i = 0; i < len; i += 16) transpose16(Y.data() + i * R, R, row_y + i, kChunk);
+        forward_tile<kTileStates>(DT.data(), DTU.data(), at, Bk, Ck, len, n, h, Y.data());
+        float* __restrict row_y = row_dt;  // (W, kChunk): y of each channel
+        for (int64_t i = 0; i < len; i += R) TileLanes::transpose(Y.data() + i * R, R, row_y + i, kChunk);
         for (int64_t lane = 0; lane < R; ++lane) {
           const float Dd = Dp ? Dp[d0 + lane] : 0.0f;
           const float* __restrict u = up + (r0 + lane) * L;
@@ -907,8 +992,8 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
           }
         }
         if (cp) {
-          for (int64_t k = 0; k < n; k += 16)  // the state after the chunk: the 16 rows' checkpoints
-            transpose16(h + k * R, R, cp + (r0 * nc + c) * n + k, nc * n);
+          for (int64_t k = 0; k < n; k += R)  // the state after the chunk: the W rows' checkpoints
+            TileLanes::transpose(h + k * R, R, cp + (r0 * nc + c) * n + k, nc * n);
         }
       };
 
@@ -926,8 +1011,8 @@ void forward_tiles_avx512(const T* up, const T* deltap, const T* Ap, const T* Bp
           const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
           const float* Bk = B_rows ? Bc.data() : Bp + b * sBb + t0 * n;
           const float* Ck = C_rows ? Cc.data() : Cp + b * sCb + t0 * n;
-          if (B_rows) transpose_chunk_avx512(Bp + b * sBb, sBn, n, t0, t1, Bc.data());
-          if (C_rows) transpose_chunk_avx512(Cp + b * sCb, sCn, n, t0, t1, Cc.data());
+          if (B_rows) transpose_chunk<float>(Bp + b * sBb, sBn, n, t0, t1, Bc.data());
+          if (C_rows) transpose_chunk<float>(Cp + b * sCb, sCn, n, t0, t1, Cc.data());
           for (int64_t tile = g0; tile < g1; ++tile) {
             if (tile + 1 < g1) prefetch_rows((tile + 1) * R, t0);
             else prefetch_rows(g0 * R, t1);
@@ -981,10 +1066,10 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     const bool raw_steps = !biasp && !softplus;  // delta is already the step: read it in place
     T* op = out.data_ptr<T>();
     T* cp = save_checkpoints ? ckpt.data_ptr<T>() : nullptr;
-#ifdef EMAMBA_AVX512_STEP_LOOP
+#ifdef EMAMBA_TILED_FORWARD
     if (std::is_same_v<T, float> && tiled_forward(d, n)) {
-      forward_tiles_avx512<T>(up, deltap, Ap, Bp, sBb, sBn, B_rows, Cp, sCb, sCn, C_rows, Dp, zp, biasp, softplus,
-                              batch, d, L, n, op, cp);
+      forward_tiles<T>(up, deltap, Ap, Bp, sBb, sBn, B_rows, Cp, sCb, sCn, C_rows, Dp, zp, biasp, softplus, batch, d,
+                       L, n, op, cp);
       return;
     }
 #endif
@@ -1347,26 +1432,30 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& dout, const at::Tensor& x, co
 }
 
 // exp(x) elementwise with the kernel's fp32 polynomial (the same inline code as its decays and gates), for
-// the accuracy tests: the generic exp2, or with `avx512` the AVX-512 one of the fp32 step loop.
-at::Tensor fast_exp(const at::Tensor& x, bool avx512) {
+// the accuracy tests: the generic exp2, or with `vector` the SIMD one of the fp32 step loops (TileLanes::exp2:
+// exp2_avx512 with AVX-512, the AVX2 one otherwise).
+at::Tensor fast_exp(const at::Tensor& x, bool vector) {
   check(x, "x", at::kFloat);
   auto y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (avx512) {
-#if defined(__AVX512F__)
+  if (vector) {
+#ifdef EMAMBA_TILED_FORWARD
+    constexpr int64_t W = TileLanes::W;
     const int64_t m = x.numel();
-    at::parallel_for(0, (m + 15) / 16, kMinTaskWork / 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, (m + W - 1) / W, kMinTaskWork / W, [&](int64_t begin, int64_t end) {
+      float buf[W];
       for (int64_t v = begin; v < end; ++v) {
-        const int64_t i = 16 * v;
-        const __mmask16 lanes = m - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - i)) - 1);
-        const __m512 xs = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, xp + i), _mm512_set1_ps(Exp<float>::kScale));
-        _mm512_mask_storeu_ps(yp + i, lanes, exp2_avx512(xs));
+        const int64_t i = W * v, len = std::min(W, m - i);
+        for (int64_t j = 0; j < W; ++j) buf[j] = j < len ? xp[i + j] : 0.0f;
+        const TileLanes::V xs = TileLanes::mul(TileLanes::load(buf), TileLanes::set1(Exp<float>::kScale));
+        TileLanes::store(buf, TileLanes::exp2(xs));
+        std::copy(buf, buf + len, yp + i);
       }
     });
     return y;
 #else
-    TORCH_CHECK(false, "fast_exp: this build has no AVX-512 exp");
+    TORCH_CHECK(false, "fast_exp: this build has no SIMD exp");
 #endif
   }
   at::parallel_for(0, x.numel(), kMinTaskWork, [&](int64_t begin, int64_t end) {
@@ -1403,10 +1492,8 @@ double decays_probe(int64_t count, int64_t n) {
 
 int64_t chunk_size() { return kChunk; }
 
-// True when the fp32 forward has the AVX-512 loops (forward_tiles_avx512, else forward_chunk_avx512 for n in
-// {16, 32, 64}); the wrapper then hands it B and C as (batch, n, L) rows (transposed per chunk, cheaper than
-// a whole-tensor copy). The generic loop ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S stage-1 shape,
-// built without AVX-512), so other builds keep that copy.
+// True when the fp32 loops are the AVX-512 ones (forward_tiles with 16 lanes, else forward_chunk_avx512 for n
+// in {16, 32, 64}; backward_chunk_avx512).
 bool avx512_step_loop() {
 #ifdef EMAMBA_AVX512_STEP_LOOP
   return true;
@@ -1415,9 +1502,30 @@ bool avx512_step_loop() {
 #endif
 }
 
-// Whether the fp32 forward runs forward_tiles_avx512 for d channels and state size n (tests).
+// True when the build has the tiled forward (AVX-512 or AVX2): the wrapper then hands scan_fwd B and C as
+// (batch, n, L) rows, transposed per chunk in register blocks (transpose_chunk), cheaper than a whole-tensor
+// copy. Without it the generic per-row loop ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S
+// stage-1 shape, scalar per-chunk transposes), so such builds keep that copy.
+bool reads_bc_rows() {
+#ifdef EMAMBA_TILED_FORWARD
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The width W of the tiled forward's tiles (16 with AVX-512, 8 with AVX2), 0 without it.
+int64_t tile_lanes() {
+#ifdef EMAMBA_TILED_FORWARD
+  return TileLanes::W;
+#else
+  return 0;
+#endif
+}
+
+// Whether the fp32 forward runs forward_tiles for d channels and state size n (tests).
 bool tiled_forward_for(int64_t d, int64_t n) {
-#ifdef EMAMBA_AVX512_STEP_LOOP
+#ifdef EMAMBA_TILED_FORWARD
   return tiled_forward(d, n);
 #else
   (void)d;
@@ -1435,9 +1543,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d + SiLU forward (CPU)");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d + SiLU backward (CPU)");
   m.def("fast_exp", &fast_exp, "exp with the kernel's fp32 polynomial (accuracy tests)", pybind11::arg("x"),
-        pybind11::arg("avx512") = false);
+        pybind11::arg("vector") = false);
   m.def("decays_probe", &decays_probe, "throughput probe of the forward's decay loop (benchmarks)");
   m.def("chunk_size", &chunk_size, "time steps between saved states");
-  m.def("avx512_step_loop", &avx512_step_loop, "the fp32 forward has the AVX-512 loops (per-row and tiled)");
-  m.def("tiled_forward", &tiled_forward_for, "the fp32 forward runs the tiled AVX-512 loop for (d, n)");
+  m.def("avx512_step_loop", &avx512_step_loop, "the fp32 loops are the AVX-512 ones (forward and backward)");
+  m.def("reads_bc_rows", &reads_bc_rows, "scan_fwd wants B, C as (batch, n, L) rows (tiled forward built)");
+  m.def("tile_lanes", &tile_lanes, "channels per tile of the tiled fp32 forward (16 AVX-512, 8 AVX2, 0 none)");
+  m.def("tiled_forward", &tiled_forward_for, "the fp32 forward runs the tiled loop for (d, n)");
 }
