@@ -146,6 +146,37 @@ def test_checkpoints_are_chunk_end_states(monkeypatch, segments):
             check_close(f"checkpoint {t // CHUNK}", ckpt[:, :, t // CHUNK], h, 1e-12)
 
 
+@pytest.mark.parametrize("segments", [1, 2])
+def test_forward_without_checkpoints(monkeypatch, segments):
+    """save_checkpoints=False (inference) gives the same output bits and an empty checkpoint tensor."""
+    monkeypatch.setattr(scan_triton, "FWD_SEGMENTS", segments)
+    args = as_args(make_inputs(2, 6, 2 * CHUNK + 3, 4, dtype=torch.float32, device=DEVICE))
+    out, ckpt = scan_triton.forward(*args, True)
+    out_nock, no_ckpt = scan_triton.forward(*args, True, save_checkpoints=False)
+    assert torch.equal(out, out_nock)
+    assert ckpt.numel() > 0 and no_ckpt.numel() == 0
+
+
+def test_entry_point_skips_checkpoints_only_without_grad(monkeypatch):
+    """selective_scan asks the Triton forward for checkpoints exactly when a backward can follow."""
+    monkeypatch.delitem(scan_mod._availability, "triton", raising=False)
+    calls = []
+    real = scan_triton.forward
+
+    def spy(*args, save_checkpoints=True):
+        calls.append(save_checkpoints)
+        return real(*args, save_checkpoints=save_checkpoints)
+
+    monkeypatch.setattr(scan_triton, "forward", spy)
+    inputs = make_inputs(1, 4, CHUNK + 3, 4, dtype=torch.float32, device=DEVICE)
+    with torch.no_grad():
+        out_infer = selective_scan(**inputs, delta_softplus=True, backend="triton")
+    leaves = {k: (v.clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    out_train = selective_scan(**leaves, delta_softplus=True, backend="triton")
+    assert calls == [False, True]
+    assert torch.equal(out_infer, out_train.detach())
+
+
 def test_through_public_entry_point(monkeypatch):
     # backend_status caches availability per process; another test module may have cached the triton
     # entry before TRITON_INTERPRET was set, so drop it for this test (monkeypatch restores it)
@@ -236,10 +267,11 @@ def test_default_kernels_compile_for_sm90_offline(monkeypatch):
                signature={**{p + "_ptr": "*fp32" for p in fwd_ptrs}, **ints, "chunks_per_seg": "i32"},
                num_warps=scan_triton._num_warps(None, fwd_block_d * block_n, scan_triton._FWD_ELEMS_PER_THREAD))
     fwd_meta = dict(flags, **scan_triton._fwd_tiles(fwd_block_d, block_n))
-    specs = [  # the forward unsegmented, then the two passes of the segmented forward
-        dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=False, HAS_H0=False)),
-        dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=True, HAS_H0=False)),
-        dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=False, HAS_H0=True)),
+    specs = [  # the forward unsegmented (training, inference), then the two passes of the segmented forward
+        dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=False, HAS_H0=False, SAVE_CKPT=True)),
+        dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=False, HAS_H0=False, SAVE_CKPT=False)),
+        dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=True, HAS_H0=False, SAVE_CKPT=False)),
+        dict(fwd, constexprs=dict(fwd_meta, STATE_ONLY=False, HAS_H0=True, SAVE_CKPT=True)),
         dict(kernel="_scan_bwd_kernel", signature={**{p + "_ptr": "*fp32" for p in bwd_ptrs}, **ints},
              constexprs=dict(flags, BLOCK_D=bwd_block_d, CHUNK=chunk),
              num_warps=scan_triton._num_warps(None, bwd_block_d * chunk, scan_triton._BWD_ELEMS_PER_THREAD)),

@@ -235,13 +235,14 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FAST_EXP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     STEPS: tl.constexpr, BC_ROWS: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_H0: tl.constexpr,
+    SAVE_CKPT: tl.constexpr,
 ):
     # A2 = A * log2(e) (formed on the host), so that exp(delta' A) = exp2(delta' * A2).
     # Program (channel block, batch element, time segment); the segment is chunks [c_begin, c_end).
     # STATE_ONLY (pass 1 of the segmented forward): run the segment from h = 0 and store only its end
     # state into seg_state_ptr and the sum of its steps delta' into dtsum_ptr (no y, no checkpoints).
     # HAS_H0 (pass 2): start from the state entering the segment, read from seg_state_ptr. Both use its
-    # (batch, d, n_seg, n) layout.
+    # (batch, d, n_seg, n) layout. SAVE_CKPT false (inference: no backward follows): no checkpoints written.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -354,7 +355,8 @@ def _scan_fwd_kernel(
                 zz = tl.load(z_ptr + ptrs, mask=mask, other=0.0)
                 y = y * (zz / (1.0 + tl.exp(-zz)))
             tl.store(out_ptr + ptrs, y.to(dtype), mask=mask)
-            tl.store(ckpt_ptr + ckpt_rows[:, None] + c * n + offs_n[None, :], h.to(dtype), mask=state_mask)
+            if SAVE_CKPT:
+                tl.store(ckpt_ptr + ckpt_rows[:, None] + c * n + offs_n[None, :], h.to(dtype), mask=state_mask)
     if STATE_ONLY:
         tl.store(seg_state_ptr + seg_rows[:, None] + offs_n[None, :], h, mask=state_mask)
         tl.store(dtsum_ptr + (pid_b * d + offs_d) * n_seg + pid_s, dt_total, mask=mask_d)
@@ -631,14 +633,16 @@ def forward(
     z: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
+    save_checkpoints: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out, checkpoints): out like u; checkpoints (batch, d, n_chunks, n), the chunk-end states."""
+    """Returns (out, checkpoints): out like u; checkpoints (batch, d, n_chunks, n), the chunk-end states.
+    Without ``save_checkpoints`` (no backward will run) an empty tensor, never allocated or written."""
     u, delta, A, B, C, D, z, delta_bias = map(_c, (u, delta, A, B, C, D, z, delta_bias))
     _check(u, {"delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias})
     batch, d, length = u.shape
     n = A.shape[1]
     out = torch.empty_like(u)
-    ckpt = u.new_empty(checkpoint_shape(batch, d, length, n))
+    ckpt = u.new_empty(checkpoint_shape(batch, d, length, n) if save_checkpoints else (0,))
     if u.numel() == 0 or n == 0:  # degenerate: no state, y = D u
         out.zero_()
         if D is not None:
@@ -648,7 +652,7 @@ def forward(
         return out, ckpt.zero_()
     block_n = _next_pow2(n)
     block_d = _pick_block_d(FWD_BLOCK_D, max(1, _FWD_TILE // block_n), batch, d, u.device, _FWD_PROGRAMS_PER_SM)
-    n_chunks = ckpt.shape[2]
+    n_chunks = _n_chunks(length)
     n_seg = _pick_segments(FWD_SEGMENTS, n_chunks, batch * -(-d // block_d), u.device)
     chunks_per_seg = -(-n_chunks // n_seg)
     n_seg = -(-n_chunks // chunks_per_seg)
@@ -661,7 +665,8 @@ def forward(
         num_warps=_num_warps(FWD_NUM_WARPS, block_d * block_n, _FWD_ELEMS_PER_THREAD),
     )
     A2 = A * _LOG2E
-    args = (u, delta, A2, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, ckpt, scratch)
+    ckpt_arg = ckpt if save_checkpoints else u  # never dereferenced without SAVE_CKPT
+    args = (u, delta, A2, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, ckpt_arg, scratch)
     h0 = None
     if n_seg > 1:
         # pass 1: every segment from h = 0, its end state and the sum of its steps; then the states entering
@@ -669,14 +674,14 @@ def forward(
         h_end = u.new_empty(batch, d, n_seg, n)
         dtsum = u.new_empty(batch, d, n_seg)
         fwd[grid](*args, h_end, dtsum, d, length, n, n_chunks, chunks_per_seg, STATE_ONLY=True, HAS_H0=False,
-                  **common)
+                  SAVE_CKPT=False, **common)
         seg_decay = torch.exp2(A2[None, :, None, :] * dtsum[..., None])
         h0 = torch.zeros_like(h_end)
         for seg in range(1, n_seg):
             h0[:, :, seg] = seg_decay[:, :, seg - 1] * h0[:, :, seg - 1] + h_end[:, :, seg - 1]
     # pass 2 (the only pass without segments): y, and the chunk-end states as checkpoints
     fwd[grid](*args, _or(h0, u), u, d, length, n, n_chunks, chunks_per_seg, STATE_ONLY=False,
-              HAS_H0=h0 is not None, **common)
+              HAS_H0=h0 is not None, SAVE_CKPT=bool(save_checkpoints), **common)
     return out, ckpt
 
 

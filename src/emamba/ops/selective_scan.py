@@ -250,11 +250,10 @@ def _fused_infer(
     delta_softplus: bool,
     backend: str,
 ) -> Tensor:
-    """The forward when no gradient will be taken: the CPU kernel then skips its checkpoints (as much memory
-    as the output at n = 64, and the time to map and write it); Triton computes them as in training."""
-    if backend == "cpu":
-        return scan_cpu.forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_checkpoints=False)[0]
-    return _fused_module(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
+    """The forward when no gradient will be taken: the fused kernels (CPU and Triton) then skip their
+    checkpoints (as much memory as the output at n = 64, and the time to map and write it)."""
+    return _fused_module(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                          save_checkpoints=False)[0]
 
 
 @_fused_infer.register_fake
@@ -315,7 +314,8 @@ def selective_scan(
         )
         if name == "cpu":
             # B and C in the layout the CPU kernel's forward reads (scan_cpu.forward_bc_layout), not
-            # .contiguous(): one copy at most, none for the Mamba mixer's slices of x_proj's output on AVX-512.
+            # .contiguous(): one copy at most, none for the Mamba mixer's slices of x_proj's output on builds
+            # with the tiled forward (AVX-512, AVX2).
             rows = _cpu_reads_bc_rows()
             B, C = scan_cpu.forward_bc_layout(B, rows), scan_cpu.forward_bc_layout(C, rows)
         else:
