@@ -13,7 +13,8 @@ relative difference of the outputs (forward: out; backward: dC, which depends on
 B and C start as (batch, n, L) rows, the layout the Mamba mixer produces, and each forward gets them the
 way `emamba.ops.scan_cpu` hands them to that source: read in place by a build whose `reads_bc_rows()` (in
 sources before it: `avx512_step_loop()`) is true, otherwise copied to (batch, L, n) inside the timed call
-(sources that predate the two layouts take that copy as a plain tensor). The backward always gets the (batch, L, n) copy, made outside the timing.
+(sources that predate the two layouts take that copy as a plain tensor). The backward always gets the
+(batch, L, n) copy, made outside the timing.
 """
 
 from __future__ import annotations

@@ -83,3 +83,17 @@ def reference_grads(inputs, delta_softplus, dout):
 def rel_err(actual, expected):
     """max |actual - expected| / max |expected|, in float64."""
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def record_save_checkpoints(monkeypatch, module):
+    """Wraps ``module.forward`` (a fused backend) so that each call's ``save_checkpoints`` flag is appended to
+    the returned list: what the entry point asked for, training (True) or inference (False)."""
+    calls = []
+    real = module.forward
+
+    def spy(*args, save_checkpoints=True):
+        calls.append(save_checkpoints)
+        return real(*args, save_checkpoints=save_checkpoints)
+
+    monkeypatch.setattr(module, "forward", spy)
+    return calls

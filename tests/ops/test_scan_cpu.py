@@ -14,7 +14,7 @@ import torch
 
 from emamba.ops import scan_cpu, selective_scan
 from emamba.ops.scan_reference import selective_scan_reference
-from scan_inputs import NAMES, as_args, make_inputs, reference_grads, rel_err
+from scan_inputs import NAMES, as_args, make_inputs, record_save_checkpoints, reference_grads, rel_err
 
 CHUNK = scan_cpu.CHUNK
 
@@ -427,14 +427,7 @@ def test_forward_without_checkpoints(build, d, n, dtype):
 def test_entry_point_skips_checkpoints_only_without_grad(monkeypatch):
     """selective_scan saves checkpoints exactly when a backward can follow (grad mode on and an input that
     requires grad), and both paths give the same output."""
-    calls = []
-    real = scan_cpu.forward
-
-    def spy(*args, save_checkpoints=True):
-        calls.append(save_checkpoints)
-        return real(*args, save_checkpoints=save_checkpoints)
-
-    monkeypatch.setattr(scan_cpu, "forward", spy)
+    calls = record_save_checkpoints(monkeypatch, scan_cpu)
     inputs = cpu_inputs(1, 16, CHUNK + 3, 16, seed=17)
     args = dict(inputs, delta_softplus=True, backend="cpu")
     y_plain = selective_scan(**args)  # nothing requires grad

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from emamba.ops import scan_triton, selective_scan  # noqa: E402
-from scan_inputs import NAMES, as_args, make_inputs, reference_grads, rel_err  # noqa: E402
+from scan_inputs import NAMES, as_args, make_inputs, record_save_checkpoints, reference_grads, rel_err  # noqa: E402
 
 scan_mod = importlib.import_module("emamba.ops.selective_scan")
 
@@ -160,14 +160,7 @@ def test_forward_without_checkpoints(monkeypatch, segments):
 def test_entry_point_skips_checkpoints_only_without_grad(monkeypatch):
     """selective_scan asks the Triton forward for checkpoints exactly when a backward can follow."""
     monkeypatch.delitem(scan_mod._availability, "triton", raising=False)
-    calls = []
-    real = scan_triton.forward
-
-    def spy(*args, save_checkpoints=True):
-        calls.append(save_checkpoints)
-        return real(*args, save_checkpoints=save_checkpoints)
-
-    monkeypatch.setattr(scan_triton, "forward", spy)
+    calls = record_save_checkpoints(monkeypatch, scan_triton)
     inputs = make_inputs(1, 4, CHUNK + 3, 4, dtype=torch.float32, device=DEVICE)
     with torch.no_grad():
         out_infer = selective_scan(**inputs, delta_softplus=True, backend="triton")
