@@ -366,8 +366,9 @@ static inline __attribute__((always_inline)) void transpose16(const float* __res
 // n = 16 that is as much work as the step itself, at n = 64 about 15%. With the lanes across channels,
 // C_t . h_t is a plain FMA chain over the state index, B_t[k] and C_t[k] (shared by the W channels) are one
 // broadcast load each, and the state is G registers per pass over the chunk (G state indices at a time;
-// the passes are independent: each index has its own recurrence). G = 8 (kTileStates): with AVX-512, 16 ran
-// out of the 32 registers (1.14x slower at stage 1) and 4 measured the same as 8; see kTileStates for AVX2.
+// the passes are independent: each index has its own recurrence). G = 8 (kTileStates) for both widths: with
+// AVX-512, 16 ran out of the 32 registers (1.14x slower at stage 1) and 4 measured the same as 8; with AVX2
+// (16 registers), 4 was within noise of 8 (0.92-1.08x).
 // h_t and the checkpoints are bit-identical to the per-row loop (same exp, same products, same FMA); y sums
 // C_t[k] h_t[k] in a different order:
 //   acc_j = C_j h_j, then acc_j = fma(C_{j+4i}, h_{j+4i}, acc_j) for i = 1 .. G/4 - 1 (j = 0 .. 3),
@@ -927,9 +928,9 @@ inline void transpose_chunk(const T* __restrict src, int64_t sn, int64_t n, int6
 // scan_fwd for fp32 when d and n are multiples of W (B and C in either layout of check_bc): forward_tile over
 // tiles of W channels. As in the per-row forward, a task's tiles of one batch element advance chunk by chunk
 // together (the chunk's B and C stay in cache for all of them), each with its scaled A and running state
-// in (n, W) buffers. Per tile and chunk: the W rows' steps and dt * u
-// are computed row by row and transposed to (len, W) in W x W blocks (TileLanes::transpose), and y comes
-// back the same way for y + D u and the silu(z) gate; the state goes to its W checkpoints the same way.
+// in (n, W) buffers. Per tile and chunk: the W rows' steps and dt * u are computed row by row and
+// transposed to (len, W) in W x W blocks (TileLanes::transpose), and y comes back the same way for y + D u
+// and the silu(z) gate; the state goes to its W checkpoints the same way.
 // (A template only so that scan_fwd's dispatch compiles for fp64 too; the body exists for fp32 alone.)
 template <typename T>
 void forward_tiles(const T* up, const T* deltap, const T* Ap, const T* Bp, int64_t sBb, int64_t sBn, bool B_rows,
