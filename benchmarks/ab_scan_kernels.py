@@ -11,8 +11,8 @@ and prints the medians, the median of the per-round old/new ratios (with their r
 relative difference of the outputs (forward: out; backward: dC, which depends on the recomputed states).
 
 B and C start as (batch, n, L) rows, the layout the Mamba mixer produces, and each forward gets them the
-way `emamba.ops.scan_cpu` hands them to that source: read in place by a build whose `reads_bc_rows()` (in
-sources before it: `avx512_step_loop()`) is true, otherwise copied to (batch, L, n) inside the timed call
+way `emamba.ops.scan_cpu` hands them to that source: read in place by a build with a tiled forward
+(`tile_lanes()` > 0; in sources before it: `avx512_step_loop()` true), otherwise copied to (batch, L, n) inside the timed call
 (sources that predate the two layouts take that copy as a plain tensor). The backward always gets the
 (batch, L, n) copy, made outside the timing.
 """
@@ -42,7 +42,7 @@ def build(path: str, extra_cflags: list[str]):
 
 def _forward_call(module, u, delta, A, B, C, D, z, bias):
     """module.scan_fwd with B, C (batch, n, L) prepared as the Python wrapper prepares them for it."""
-    reads_rows = getattr(module, "reads_bc_rows", getattr(module, "avx512_step_loop", lambda: False))
+    reads_rows = getattr(module, "tile_lanes", getattr(module, "avx512_step_loop", lambda: False))
     if reads_rows():
         return lambda: module.scan_fwd(u, delta, A, B, C, D, z, bias, True)
     if hasattr(module, "avx512_step_loop"):  # two-layout source, generic build: a transposed view of the copy

@@ -167,7 +167,7 @@ def reads_bc_rows() -> bool:
     copy); the generic loop runs faster on a transposed view of a (batch, L, n) copy. The backward makes its
     own (batch, L, n) copy either way.
     """
-    return bool(_ext().reads_bc_rows())
+    return _ext().tile_lanes() > 0
 
 
 def kernel_variant() -> str:
@@ -176,10 +176,9 @@ def kernel_variant() -> str:
 
     Speeds differ between them (README, Performance), so benchmark rows record it.
     """
-    ext = _ext()
-    if ext.avx512_step_loop():
+    if _ext().avx512_step_loop():
         return "avx512"
-    return "avx2" if ext.reads_bc_rows() else "generic"
+    return "avx2" if reads_bc_rows() else "generic"
 
 
 def forward_bc_layout(X: Tensor, rows: bool) -> Tensor:

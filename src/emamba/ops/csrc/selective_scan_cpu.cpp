@@ -52,7 +52,7 @@
 #define EMAMBA_AVX512_STEP_LOOP 1
 #endif
 // The tiled fp32 forward (forward_tiles): 16 channels per zmm register with AVX-512, else 8 per ymm register
-// with AVX2 + FMA (TileLanes). Builds that have it read B and C as (batch, n, L) rows (reads_bc_rows()).
+// with AVX2 + FMA (TileLanes). Builds that have it read B and C as (batch, n, L) rows (tile_lanes() > 0).
 #if defined(EMAMBA_AVX512_STEP_LOOP) || (defined(__AVX2__) && defined(__FMA__))
 #define EMAMBA_TILED_FORWARD 1
 #endif
@@ -1515,19 +1515,11 @@ bool avx512_step_loop() {
 #endif
 }
 
-// True when the build has the tiled forward (AVX-512 or AVX2): the wrapper then hands scan_fwd B and C as
-// (batch, n, L) rows, transposed per chunk in register blocks (transpose_chunk), cheaper than a whole-tensor
-// copy. Without it the generic per-row loop ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S
-// stage-1 shape, scalar per-chunk transposes), so such builds keep that copy.
-bool reads_bc_rows() {
-#ifdef EMAMBA_TILED_FORWARD
-  return true;
-#else
-  return false;
-#endif
-}
-
-// The width W of the tiled forward's tiles (16 with AVX-512, 8 with AVX2), 0 without it.
+// The width W of the tiled forward's tiles (16 with AVX-512, 8 with AVX2), 0 without it. Builds that have
+// it get B and C from the wrapper as (batch, n, L) rows (scan_cpu.reads_bc_rows), transposed per chunk in
+// register blocks (transpose_chunk), cheaper than a whole-tensor copy. Without it the generic per-row loop
+// ran faster on a (batch, L, n) copy made ahead (7% at the EMamba-S stage-1 shape, scalar per-chunk
+// transposes), so such builds keep that copy.
 int64_t tile_lanes() {
 #ifdef EMAMBA_TILED_FORWARD
   return TileLanes::W;
@@ -1560,7 +1552,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decays_probe", &decays_probe, "throughput probe of the forward's decay loop (benchmarks)");
   m.def("chunk_size", &chunk_size, "time steps between saved states");
   m.def("avx512_step_loop", &avx512_step_loop, "the fp32 loops are the AVX-512 ones (forward and backward)");
-  m.def("reads_bc_rows", &reads_bc_rows, "scan_fwd wants B, C as (batch, n, L) rows (tiled forward built)");
   m.def("tile_lanes", &tile_lanes, "channels per tile of the tiled fp32 forward (16 AVX-512, 8 AVX2, 0 none)");
   m.def("tiled_forward", &tiled_forward_for, "the fp32 forward runs the tiled loop for (d, n)");
 }
