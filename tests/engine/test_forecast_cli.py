@@ -43,7 +43,7 @@ def test_parse_defaults_and_tslib_names():
     assert args.data_path == "ETTm2.csv" and args.freq == "t" and args.revin == 0 and args.itr == 2
     for bad in (["--data", "custom"], ["--features", "X"], ["--revin", "maybe"], ["--label_len", "200"],
                 ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
-                ["--loss", "SMAPE"]):
+                ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"]):
         with pytest.raises(SystemExit):
             forecast.parse_args(bad)
 
@@ -150,6 +150,67 @@ def test_loss_option_sets_the_training_loss_only(tmp_path, monkeypatch, loss, re
     assert len(seen) == 6  # one call per training batch: validation and test never use the training loss
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
     assert row["loss"] == loss and np.isfinite(row["best_val_loss"])
+
+
+def test_weight_average_warm_up():
+    """--ema_decay's average copies the weights at step 1, then decays by min(ema_decay, 1 - k^(-2/3))."""
+    args = forecast.parse_args(["--ema_decay", "0.9"])
+    model = torch.nn.Linear(2, 1)
+    ema = forecast.weight_average(model, args)
+    assert forecast.weight_average(model, forecast.parse_args([])) is None
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=1)
+    assert torch.equal(ema.module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, step=2)
+    decay = 1 - 2 ** (-2 / 3)  # 0.37 < 0.9
+    assert torch.allclose(ema.module.weight, torch.full_like(model.weight, decay * 1 + (1 - decay) * 3))
+    for step in range(3, 200):
+        ema.update(model, step=step)  # the decay reaches 0.9 from step 32 on
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    ema.update(model, step=200)
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * 5.0)
+
+
+def test_ema_run_validates_saves_and_tests_the_average(tmp_path, capsys, monkeypatch):
+    """With --ema_decay the average is updated once per training step, validated, checkpointed and tested."""
+    made = []
+    real = forecast.weight_average
+
+    def spy(model, args):
+        ema = real(model, args)
+        steps, raw = [], {}
+
+        def update(m, step):
+            steps.append(step)
+            raw.update({k: v.clone() for k, v in m.state_dict().items()})  # the trained weights, last step
+            real_update(m, step=step)
+
+        real_update, ema.update = ema.update, update
+        made.append((ema, steps, raw))
+        return ema
+
+    monkeypatch.setattr(forecast, "weight_average", spy)
+    write_custom_csv(tmp_path / "OTHER.csv")
+    common = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--seq_len", "48",
+              "--label_len", "24", "--pred_len", "24", "--batch_size", "64", "--train_epochs", "1",
+              "--ema_decay", "0.99", *TINY, *_out(tmp_path)]
+    assert forecast.main(common) == 0
+    first = _last_json(capsys)
+    (ema, steps, raw), = made
+    assert steps == list(range(1, 7))  # 6 training batches
+    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert row["ema_decay"] == 0.99 and row["best_epoch"] == 1
+    saved = torch.load(row["checkpoint"], weights_only=False)["model"]
+    for name, value in ema.module.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    assert any(not torch.equal(saved[name], value) for name, value in raw.items())  # not the raw weights
+    assert forecast.main(common + ["--is_training", "0"]) == 0  # test-only reloads the averaged weights
+    assert _last_json(capsys)["mse"] == pytest.approx(first["mse"], rel=1e-6)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
