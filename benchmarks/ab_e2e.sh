@@ -6,6 +6,10 @@
 #   bash benchmarks/ab_e2e.sh /tmp/old/src infer 9 results/bench/e2e_infer_ab.jsonl
 #
 # Appends one `emamba benchmark --json` row per run to OUT, with "code" = old / new; prints step times.
+# OLD_SRC "-" runs only this tree (auto and reference, alternating), e.g. to stand in for an AVX2-only CPU on
+# an AVX-512 one (each library capped at AVX2; the environment reaches every run):
+#   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 EMAMBA_CPU_CFLAGS=-mno-avx512f \
+#     bash benchmarks/ab_e2e.sh - infer 9 results/bench/e2e_infer_avx2cap.jsonl
 set -euo pipefail
 OLD_SRC=$1; BENCH=$2; ROUNDS=$3; OUT=$4
 PY=${PY:-.venv/bin/python}
@@ -22,6 +26,10 @@ open('$OUT', 'a').write(json.dumps(row) + '\n')
 print('$1 $2', round(row['step_ms'], 1), 'ms')"
 }
 for r in $(seq 1 "$ROUNDS"); do
+  if [[ $OLD_SRC == - ]]; then
+    if (( r % 2 )); then run new auto; run new reference; else run new reference; run new auto; fi
+    continue
+  fi
   case $((r % 3)) in
     0) run old auto; run new auto; run new reference ;;
     1) run new auto; run new reference; run old auto ;;

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
 
-from emamba.ops.scan_cpu import _ATTEMPTS
+from emamba.ops.scan_cpu import build_attempts
 
 SHAPES = [(8, 3136, 128, 64), (8, 784, 256, 64), (8, 196, 640, 64), (32, 96, 256, 16)]
 
 
 def build(path: str, extra_cflags: list[str]):
-    _, cflags, ldflags = _ATTEMPTS[0]
+    _, cflags, ldflags = build_attempts()[0]
     cflags = cflags + extra_cflags
     digest = hashlib.sha1(Path(path).read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
     return load(name=f"emamba_scan_ab_{digest}", sources=[path], extra_cflags=cflags, extra_ldflags=ldflags)

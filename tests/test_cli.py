@@ -109,7 +109,7 @@ def test_benchmark_json_last_line(capsys, bench):
     row = last_json(capsys.readouterr().out)
     assert {"samples_per_sec", "step_ms", "peak_mem_mb", "backend", "params", "gmacs_paper"} <= set(row)
     assert row["samples_per_sec"] > 0 and row["backend"] in ("cpu", "torch")
-    assert row["cpu_model"]
+    assert row["cpu_model"] and row["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if row["backend"] == "cpu":  # the fused kernel's code path is recorded: speeds differ between the two
         assert row["scan_kernel"] == scan_cpu.kernel_variant() and row["scan_kernel"] in ("avx512", "avx2", "generic")
     else:

@@ -155,6 +155,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
+        # the SIMD level of ATen's own CPU kernels (ATEN_CPU_CAPABILITY can cap it, e.g. at avx2)
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability() if args.device == "cpu" else None,
         "batch_size": args.batch_size,
         "img_size": args.img_size,
         "amp": args.amp,

@@ -231,11 +231,11 @@ def avx2_ext():
     per-row loops): on an AVX-512 machine it would otherwise go untested. Where the native build is not an
     AVX-512 one, that build is already what this machine runs and the tests below cover it directly."""
     _require_avx512()
-    from torch.utils.cpp_extension import load
-
-    cflags, ldflags = scan_cpu._BASE_FLAGS + ["-march=native", "-mno-avx512f", "-fopenmp"], ["-fopenmp"]
-    module = load(name=scan_cpu._build_name("noavx512", cflags, ldflags), sources=[scan_cpu._SOURCE],
-                  extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+    with pytest.MonkeyPatch.context() as patch:  # built the way users ask for it: $EMAMBA_CPU_CFLAGS
+        patch.setenv(scan_cpu.CFLAGS_ENV, "-mno-avx512f")
+        patch.setattr(scan_cpu, "_module", None)
+        module = scan_cpu._load()
+    assert module.__name__ != scan_cpu._ext().__name__  # its own cache entry, beside the native build
     assert not module.avx512_step_loop()
     assert module.tile_lanes() == 8  # every AVX-512 CPU has AVX2 and FMA: the tiled forward, B/C read as rows
     return module

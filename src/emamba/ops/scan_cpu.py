@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import sys
 import threading
 import warnings
@@ -33,12 +34,21 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "sele
 # -ffp-contract=fast: FMAs even in the ISO -std=c++NN mode torch compiles with (GCC then defaults to off).
 # -fno-trapping-math: lets GCC if-convert the selects in the polynomial exp, so its loops vectorise.
 _BASE_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno"]
-# Attempts in order: tuned for this CPU with OpenMP threads, then portable (no -march, SIMD pragmas only,
-# single-threaded) for compilers without an OpenMP runtime (e.g. Apple clang).
-_ATTEMPTS = (
-    ("native", _BASE_FLAGS + ["-march=native", "-fopenmp"], ["-fopenmp"]),
-    ("portable", _BASE_FLAGS + ["-fopenmp-simd"], []),
-)
+#: Environment variable of extra compiler flags for the kernel build, e.g. ``-mno-avx512f`` to run the AVX2
+#: kernels on an AVX-512 CPU (how ``benchmarks/ab_e2e.sh`` stands in for an AVX2-only machine). The flags
+#: are part of the build's cache key, so each setting keeps its own build.
+CFLAGS_ENV = "EMAMBA_CPU_CFLAGS"
+
+
+def build_attempts() -> tuple[tuple[str, list[str], list[str]], ...]:
+    """(tag, cflags, ldflags) in the order tried: tuned for this CPU with OpenMP threads, then portable (no
+    -march, SIMD pragmas only, single-threaded) for compilers without an OpenMP runtime (e.g. Apple clang);
+    both with ``$EMAMBA_CPU_CFLAGS`` appended."""
+    extra = shlex.split(os.environ.get(CFLAGS_ENV, ""))
+    return (
+        ("native", _BASE_FLAGS + ["-march=native", "-fopenmp"] + extra, ["-fopenmp"]),
+        ("portable", _BASE_FLAGS + ["-fopenmp-simd"] + extra, []),
+    )
 
 _lock = threading.Lock()
 _module = None
@@ -96,7 +106,7 @@ def _load():
         from torch.utils.cpp_extension import load
 
         errors = []
-        for tag, cflags, ldflags in _ATTEMPTS:
+        for tag, cflags, ldflags in build_attempts():
             try:
                 module = load(
                     name=_build_name(tag, cflags, ldflags),
