@@ -38,9 +38,10 @@ def test_parse_defaults_and_tslib_names():
         "--e_layers", "3", "--d_model", "16", "--d_ff", "32", "--dropout", "0.2", "--batch_size", "16",
         "--learning_rate", "0.0005", "--train_epochs", "2", "--patience", "1", "--itr", "2", "--des", "Exp",
         "--seed", "7", "--num_workers", "0", "--checkpoints", "c", "--lradj", "cosine", "--patch_len", "8",
-        "--stride", "4", "--d_state", "8", "--revin", "0",
+        "--stride", "4", "--d_state", "8", "--revin", "0", "--affine", "0", "--subtract_last", "1",
     ])
     assert args.data_path == "ETTm2.csv" and args.freq == "t" and args.revin == 0 and args.itr == 2
+    assert (args.affine, args.subtract_last) == (0, 1)
     for bad in (["--data", "custom"], ["--features", "X"], ["--revin", "maybe"], ["--label_len", "200"],
                 ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
                 ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"]):

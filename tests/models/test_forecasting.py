@@ -41,12 +41,24 @@ def test_reuses_library_layers():
     assert EMambaTS(96, 96, 7, stride=8, **TINY).num_tokens == 12
 
 
-def test_revin_roundtrip_and_scale_equivariance():
-    revin = RevIN(3)
+@pytest.mark.parametrize("affine, subtract_last", [(True, False), (False, False), (True, True), (False, True)])
+def test_revin_roundtrip_and_scale_equivariance(affine, subtract_last):
+    revin = RevIN(3, affine=affine, subtract_last=subtract_last)
+    assert len(list(revin.parameters())) == (2 if affine else 0)
+    if affine:
+        with torch.no_grad():
+            revin.weight.copy_(torch.tensor([0.5, 2.0, 1.5]))
+            revin.bias.copy_(torch.tensor([0.1, -0.3, 0.0]))
     x = torch.randn(4, 50, 3) * 5 + 2
     z, stats = revin.normalize(x)
     torch.testing.assert_close(revin.denormalize(z, stats), x, rtol=1e-4, atol=1e-4)
-    model = EMambaTS(32, 8, 3, **TINY).eval()
+    plain, _ = RevIN(3, affine=False, subtract_last=subtract_last).normalize(x)
+    assert plain.std(dim=1, unbiased=False).sub(1).abs().max() < 1e-4  # unit scale either way
+    if subtract_last:  # centred on the last value, not on the mean
+        assert plain[:, -1].abs().max() < 1e-6 and plain.mean(dim=1).abs().max() > 1e-3
+    else:
+        assert plain.mean(dim=1).abs().max() < 1e-5
+    model = EMambaTS(32, 8, 3, revin_affine=affine, subtract_last=subtract_last, **TINY).eval()
     x = torch.randn(2, 32, 3)
     torch.testing.assert_close(model(x * 10 + 3), model(x) * 10 + 3, rtol=1e-3, atol=1e-3)
 
@@ -60,6 +72,10 @@ def test_tslib_model_four_tensor_forward():
     x_enc, x_mark = torch.randn(2, 96, 7), torch.randn(2, 96, 4)
     x_dec, x_mark_dec = torch.zeros(2, 48 + 192, 7), torch.randn(2, 48 + 192, 4)
     assert model(x_enc, x_mark, x_dec, x_mark_dec).shape == (2, 192, 7)
+    revin = model.model.revin
+    assert (revin.affine, revin.subtract_last) == (True, False)  # absent attributes: the defaults
+    revin = Model(SimpleNamespace(**{**vars(configs), "affine": 0, "subtract_last": 1})).model.revin
+    assert (revin.affine, revin.subtract_last) == (False, True)  # PatchTST's argument names
     with pytest.raises(ValueError, match="forecasting tasks only"):
         Model(SimpleNamespace(**{**vars(configs), "task_name": "imputation"}))
 

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=_probability, default=0.1)
     g.add_argument("--head_dropout", type=_probability, default=0.0)
     g.add_argument("--revin", type=_bool_int, default=1, help="reversible instance normalisation")
+    g.add_argument("--affine", type=_bool_int, default=1, help="RevIN's learnable per-variate scale and shift")
+    g.add_argument("--subtract_last", type=_bool_int, default=0,
+                   help="RevIN centres each window on its last value instead of its mean")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_epochs", type=_positive_int, default=10)
@@ -525,8 +528,8 @@ def plot_windows(model_pred: np.ndarray, true: np.ndarray, dataset: TimeSeriesDa
 _ROW_ARGS = (
     "model_id", "model", "data", "data_path", "features", "target", "seq_len", "label_len", "pred_len",
     "enc_in", "c_out", "tokenization", "patch_len", "stride", "d_model", "e_layers", "d_ff", "d_state", "d_conv",
-    "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "batch_size", "learning_rate", "lradj",
-    "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "des",
+    "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "batch_size",
+    "learning_rate", "lradj", "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "des",
 )
 
 

@@ -39,17 +39,19 @@ class RevIN(nn.Module):
 
     ``normalize`` returns the normalised window and the statistics that ``denormalize`` needs, instead of
     storing them on the module, so one module can be shared safely (and traced) across calls.
+    ``affine`` adds a learnable per-variate scale and shift; ``subtract_last`` centres each window on its
+    last value instead of its mean (PatchTST's two RevIN options, there off by default).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, subtract_last: bool = False) -> None:
         super().__init__()
-        self.num_features, self.eps, self.affine = num_features, eps, affine
+        self.num_features, self.eps, self.affine, self.subtract_last = num_features, eps, affine, subtract_last
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
 
     def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        mean = x.mean(dim=1, keepdim=True).detach()
+        mean = (x[:, -1:, :] if self.subtract_last else x.mean(dim=1, keepdim=True)).detach()
         std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + self.eps).detach()
         x = (x - mean) / std
         if self.affine:
@@ -63,7 +65,7 @@ class RevIN(nn.Module):
         return x * std + mean
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, subtract_last={self.subtract_last}"
 
 
 class EMambaTSBlock(nn.Module):
@@ -115,7 +117,9 @@ class EMambaTS(nn.Module):
         einfft_blocks: channel blocks of EinFFT's block-diagonal complex weights.
         dropout: after the embedding and on every residual branch.
         head_dropout: before the linear head.
-        revin: reversible instance normalisation of every input window (with learnable affine).
+        revin: reversible instance normalisation of every input window.
+        revin_affine, subtract_last: RevIN's learnable per-variate scale and shift, and centring on the
+            window's last value instead of its mean (see :class:`RevIN`).
     """
 
     def __init__(
@@ -137,6 +141,8 @@ class EMambaTS(nn.Module):
         dropout: float = 0.1,
         head_dropout: float = 0.0,
         revin: bool = True,
+        revin_affine: bool = True,
+        subtract_last: bool = False,
     ) -> None:
         super().__init__()
         c_out = enc_in if c_out is None else c_out
@@ -152,7 +158,7 @@ class EMambaTS(nn.Module):
         self.seq_len, self.pred_len, self.enc_in, self.c_out = seq_len, pred_len, enc_in, c_out
         self.tokenization = tokenization
 
-        self.revin = RevIN(enc_in) if revin else None
+        self.revin = RevIN(enc_in, affine=revin_affine, subtract_last=subtract_last) if revin else None
         if tokenization == "patch":
             if patch_len <= 0 or stride <= 0:
                 raise ValueError(f"patch_len and stride must be positive, got {patch_len} and {stride}")
@@ -221,14 +227,16 @@ _CONFIG_KEYS: dict[str, tuple[str, Any]] = {
     "dropout": ("dropout", 0.1),
     "head_dropout": ("head_dropout", 0.0),
     "revin": ("revin", True),
+    "revin_affine": ("affine", True),
+    "subtract_last": ("subtract_last", False),
 }
 
 
 def model_kwargs_from_configs(configs: Any) -> dict[str, Any]:
     """EMambaTS keyword arguments from a TSLib-style namespace (absent attributes take the defaults)."""
     kwargs = {key: getattr(configs, attr, default) for key, (attr, default) in _CONFIG_KEYS.items()}
-    kwargs["bidirectional"] = bool(kwargs["bidirectional"])
-    kwargs["revin"] = bool(kwargs["revin"])
+    for switch in ("bidirectional", "revin", "revin_affine", "subtract_last"):
+        kwargs[switch] = bool(kwargs[switch])
     return dict(seq_len=configs.seq_len, pred_len=configs.pred_len, enc_in=configs.enc_in, **kwargs)
 
 
@@ -236,8 +244,8 @@ class Model(nn.Module):
     """Time-Series-Library entry point: ``Model(configs)`` with ``forward(x_enc, x_mark_enc, x_dec, x_mark_dec)``.
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
-    e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin`` from
-    ``configs``. EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for
+    e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
+    subtract_last`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's arguments). EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for
     the interface and not used. Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
     """
 
