@@ -19,8 +19,8 @@
 //  * exp(dt*A) per (t, n) is the dominant cost: see Exp<float> (vectorised polynomial); computed in its
 //    own loop over the chunk, where the exps are independent and overlap well. With AVX-512 or AVX2 the
 //    fp32 forward instead runs a hand-vectorised step loop, the exps computed in the step loop itself:
-//    over tiles of W channels, one per SIMD lane (forward_tiles, W = 16 with AVX-512, whose exp2_avx512 is
-//    two instructions shorter, 8 with AVX2: no horizontal sums; every EMamba shape), else (AVX-512 only)
+//    over tiles of W channels, one per SIMD lane (forward_tiles, W = 16 with AVX-512, whose exp2_avx512
+//    takes 8 instructions per 16 exps, 8 with AVX2: no horizontal sums; every EMamba shape), else (AVX-512 only)
 //    row by row with the state in zmm registers (forward_chunk_avx512).
 //  * Elementwise work on (b, d, t) is fused here per chunk: the silu(z) gate and its derivative, and in the
 //    forward the step prologue dt = softplus(delta + delta_bias) (see Softplus<float>). The backward takes
@@ -208,26 +208,28 @@ inline void with_state_size(int64_t n, Fn&& fn) {
 }
 
 #if defined(__AVX512F__)
-// 16 decays 2^x at once, bit-identical to Exp<float>::exp2 wherever that returns a normal number or 0
-// (the same rounding of k, the same r and the same Horner FMAs). AVX-512 instructions replace its
-// scalar-style parts: vreduceps gives r = x - round(x) in one instruction (k = x - r is then exact),
-// vscalefps multiplies p by 2^k exactly (overflow to inf, NaN kept); a mask zeroes x < -126.5 (where exp2
-// returns 0: no denormal decays). 9 vector ops per 16 exps instead of ~14 per 8 with the generic loop,
-// which GCC compiles for 256-bit vectors on these cores. vreduceps is one uop where vrndscaleps (round,
-// then subtract) is two on Intel cores: the forward ran 1.06x faster with it on a Xeon, outputs unchanged.
-// Differences from exp2: x in [127.5, 128) gives the (finite) true value, where exp2 returns inf, and
-// x = +inf gives +inf (vreduceps returns 0 for it), where exp2 returns NaN; neither occurs in a decay.
+// 16 decays 2^x at once in 8 vector instructions: x = floor(x) + r with r in [0, 1) from one vreduceps,
+// 2^r by a degree-5 polynomial fitted on [0, 1) (p(0) = 1 exactly, so exp(0) = 1), and vscalefps, which
+// multiplies p by 2^floor(x) itself (exactly; overflow to inf, NaN kept), so k is never formed; a mask zeroes
+// x < -126 (no denormal decays). The generic loop needs ~14 ops per 8 exps (GCC compiles it for 256-bit
+// vectors on these cores). History: this exp first copied Exp<float>::exp2 bit for bit (round-to-nearest
+// reduction, k = x - r, then the scale: 9 instructions); r = x - floor(x) drops the subtraction, forward
+// 1.03-1.06x faster on a Xeon (results/bench/scan_exp_floor_ab.txt). vreduceps rounds r downwards, and
+// the polynomial differs, so it is no longer bit-identical to exp2 (within 3e-7 relative of it; 1.6e-7 of
+// 2^x, measured, against exp2's 1.7e-7). Every decay of an AVX-512 build's fp32 scan with n % 16 == 0 comes
+// from here (forward_tiles, forward_chunk_avx512, backward_chunk_avx512, chunk_decays), so the forward's
+// states and the backward's recompute of them stay bit-identical. x = +inf gives +inf (exp2: NaN), x in
+// [127.5, 128) the finite true value (exp2: inf); neither occurs in a decay.
 static inline __attribute__((always_inline)) __m512 exp2_avx512(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.5f), _CMP_NLT_UQ);
-  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 k = _mm512_sub_ps(x, r);
-  __m512 p = _mm512_set1_ps(1.326472731307149e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.671512991189957e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550733581185341e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022242426872253e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931470036506653e-1f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(1.8671263242140412e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.0170381590724e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.579990893602371e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4016445875167847e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931512951850891e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(keep, p, k);
+  return _mm512_maskz_scalef_ps(keep, p, x);  // p * 2^floor(x)
 }
 #endif
 
