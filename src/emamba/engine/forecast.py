@@ -478,9 +478,8 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
             break
         if improved:
             best, best_epoch, bad_epochs = val_loss, epoch, 0
-            save_checkpoint_atomic(
-                {"model": evaluated.state_dict(), "args": vars(args), "epoch": epoch, "val_loss": val_loss}, ckpt_path
-            )
+            checkpoint = {"model": evaluated.state_dict(), "args": vars(args), "epoch": epoch, "val_loss": val_loss}
+            save_checkpoint_atomic(checkpoint, ckpt_path)
         else:
             bad_epochs += 1
             if bad_epochs >= args.patience:

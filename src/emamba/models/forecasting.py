@@ -43,7 +43,9 @@ class RevIN(nn.Module):
     last value instead of its mean (PatchTST's two RevIN options, there off by default).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, subtract_last: bool = False) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, affine: bool = True, subtract_last: bool = False
+    ) -> None:
         super().__init__()
         self.num_features, self.eps, self.affine, self.subtract_last = num_features, eps, affine, subtract_last
         if affine:
@@ -245,8 +247,9 @@ class Model(nn.Module):
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
     e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
-    subtract_last`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's arguments). EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for
-    the interface and not used. Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
+    subtract_last`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's arguments).
+    EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for the interface and
+    not used. Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
     """
 
     def __init__(self, configs: Any) -> None:
