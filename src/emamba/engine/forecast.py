@@ -68,18 +68,21 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a dropout rate in [0, 1), got {text!r}")
-    return value
+def _unit_interval(what: str):
+    """argparse type: a float in [0, 1); the error names ``what``."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"expected {what} in [0, 1), got {text!r}")
+        return value
+
+    parse.__name__ = "float"  # argparse's "invalid float value: ..." for text that is no number
+    return parse
 
 
-def _ema_decay(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected an EMA decay in [0, 1) (0 turns it off), got {text!r}")
-    return value
+_probability = _unit_interval("a dropout rate")
+_ema_decay = _unit_interval("an EMA decay (0 turns it off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
