@@ -88,3 +88,15 @@ def test_interleave_ratios_within_rounds(tmp_path, capsys):
     assert 0 < row["min_ratio"] <= row["median_ratio"] <= row["max_ratio"]
     assert row["median_s_cpu"] > 0 and row["median_s_reference"] > 0
     assert "per round median" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch build without oneDNN")
+def test_onednn_projections_reports_every_recorded_shape(capsys):
+    bench = load_benchmark("onednn_projections")
+    assert bench.main(["--model", "emamba_tiny", "--batch-size", "2", "--img-size", "32", "--threads", "1",
+                       "--gemm-repeats", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("  weight ")]
+    assert rows and all("rule takes" in r for r in rows)
+    assert any("fold" in r for r in rows)  # the class-token block's L == 1 projections
+    assert "ratio per round" in out

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import causal_conv1d_silu, selective_scan
+from ..ops import causal_conv1d_silu, channels_first_linear, selective_scan
 
 
 def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
@@ -45,29 +45,19 @@ def _plain(linear: nn.Module) -> bool:
     )
 
 
-def _bmm_weight(weight: Tensor, x: Tensor) -> Tensor:
-    """weight @ x[b] for every b: (out, in) x (batch, in, L) -> (batch, out, L), contiguous.
-
-    An explicit batched GEMM over the expanded weight: ``torch.matmul`` would fold the batch into the rows
-    when the weight requires grad (it avoids a (batch, out, in) weight-gradient buffer that way), and that
-    fold copies a transposed operand. Here the weight gradient is a (batch, out, in) sum, tiny next to the
-    activations.
-    """
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-
-
-def _project(linear: nn.Module, x_cf: Tensor) -> Tensor:
+def _project(linear: nn.Module, x_cf: Tensor, backend: str) -> Tensor:
     """``linear`` applied to channels-first input: (batch, in, L) -> (batch, out, L), contiguous.
 
     The mixer keeps its activations channels-first, the layout of the depthwise conv and the scan kernels.
     Calling an ``nn.Linear`` there needs transposes whose ``.contiguous()`` copies cost ~10% of EMamba-S
-    CPU inference; ``weight @ x`` (a batched GEMM) gives the same product with BLAS reading the transposed
-    operand in place (bitwise equality is not promised: a different GEMM call may round differently).
+    CPU inference; ``weight @ x[b]`` per image (:func:`emamba.ops.channels_first_linear`: a batched BLAS GEMM,
+    or oneDNN where that is faster) gives the same product reading the transposed operand in place (bitwise
+    equality is not promised: a different GEMM call may round differently).
     Modules that are not a plain ``nn.Linear``, or that carry hooks (FLOP counters, LoRA-style wrappers,
     feature taps), and every Linear under autograd, are called as modules (see :func:`_plain`).
     """
     if _plain(linear):
-        return _bmm_weight(linear.weight, x_cf)
+        return channels_first_linear(linear.weight, x_cf, backend)
     return linear(x_cf.transpose(1, 2)).transpose(1, 2)
 
 
@@ -159,9 +149,10 @@ class MambaMixer(nn.Module):
             x = causal_conv1d_silu(x, conv1d.weight[:, 0], conv1d.bias, backend=self.backend)
         else:  # wrapped or hooked conv (FLOP counters, feature taps): call the module
             x = F.silu(conv1d(x)[..., : x.shape[-1]])  # causal: drop the right padding
-        x_dbl = _project(x_proj, x)  # (batch, dt_rank + 2n, L)
+        x_dbl = _project(x_proj, x, self.backend)  # (batch, dt_rank + 2n, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = _bmm_weight(dt_proj.weight, dt)  # (batch, d_inner, L); dt_proj's bias is added inside the scan
+        # (batch, d_inner, L); dt_proj's bias is added inside the scan
+        dt = channels_first_linear(dt_proj.weight, dt, self.backend)
         return selective_scan(
             x,
             dt,
@@ -184,10 +175,10 @@ class MambaMixer(nn.Module):
             # two GEMMs on the halves of the weight, so that xs and z are each contiguous (conv1d and
             # the fused scans would otherwise copy them out of an interleaved (batch, 2*d_inner, L))
             weight = self.in_proj.weight
-            xs = _bmm_weight(weight[: self.d_inner], x_cf)
-            z = _bmm_weight(weight[self.d_inner :], x_cf)
+            xs = channels_first_linear(weight[: self.d_inner], x_cf, self.backend)
+            z = channels_first_linear(weight[self.d_inner :], x_cf, self.backend)
         else:
-            xs, z = _project(self.in_proj, x_cf).chunk(2, dim=1)
+            xs, z = _project(self.in_proj, x_cf, self.backend).chunk(2, dim=1)
         y = self._scan_branch(xs, z, "")
         if self.bidirectional:
             y = y + self._scan_branch(xs.flip(-1), z.flip(-1), "_b").flip(-1)

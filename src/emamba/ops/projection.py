@@ -1,0 +1,136 @@
+"""The Mamba mixer's channels-first projections: ``weight @ x[b]`` for every image b, on the fastest GEMM.
+
+The mixer keeps its activations channels-first, (batch, in, L), and applies its bias-free projections as
+``weight @ x[b]`` (see :func:`emamba.layers.mamba._project`). Which GEMM computes that best depends on the
+machine and the shape:
+
+* **batched BLAS GEMM** (``torch.bmm`` over the expanded weight): the default. PyTorch's x86 wheels run it
+  through MKL, which takes its AVX2 code on AMD CPUs.
+* **oneDNN, one call per image** (``torch.ops.mkldnn._linear_pointwise``): runs AVX-512 on AMD too. On an
+  AMD EPYC Zen 5 it does the mixer's in_proj and x_proj GEMMs 1.3-2x faster than MKL, but loses on small
+  ones (the per-call overhead is ~20 us): dt_proj (inner size = dt_rank, 4-28) and anything under ~4
+  MFLOP per image. Used only in inference (no autograd formula), in fp32, outside autocast, tracing,
+  compilation and export, and with a fused backend (``reference`` and ``torch`` stay plain PyTorch).
+  The automatic choice takes it on AMD CPUs only: on Intel, where MKL runs AVX-512, it is unmeasured.
+  ``EMAMBA_CPU_GEMM=onednn|blas`` (or :func:`set_cpu_gemm`) overrides the choice.
+* **one GEMM over the batch** when L == 1 (the class-token post block): ``bmm`` of (out, in) x (in, 1)
+  per image is a matrix-vector product per image, ~17x slower than one (batch, in) x (in, out) GEMM.
+
+Numbers and commands: docs/performance_cpu.md ("oneDNN projections").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CPU_GEMM_ENGINES = ("auto", "onednn", "blas")
+
+# oneDNN's per-call overhead dominates below these (measured on Zen 5, docs/performance_cpu.md).
+ONEDNN_MIN_INNER = 32
+ONEDNN_MIN_FLOPS_PER_IMAGE = 4_000_000
+
+_cpu_gemm: Optional[str] = None  # None: read EMAMBA_CPU_GEMM on first use
+
+
+def set_cpu_gemm(engine: Optional[str]) -> None:
+    """Choose the CPU engine for the mixer's projections: ``auto``, ``onednn`` or ``blas``.
+
+    ``None`` goes back to ``EMAMBA_CPU_GEMM`` (default ``auto``: oneDNN on AMD CPUs, BLAS elsewhere).
+    """
+    global _cpu_gemm
+    if engine is not None and engine not in CPU_GEMM_ENGINES:
+        raise ValueError(f"CPU GEMM engine must be one of {CPU_GEMM_ENGINES}, got {engine!r}")
+    _cpu_gemm = engine
+
+
+def cpu_gemm() -> str:
+    """The engine set by :func:`set_cpu_gemm` or ``EMAMBA_CPU_GEMM``, ``auto`` resolved: onednn or blas."""
+    engine = _cpu_gemm
+    if engine is None:
+        engine = os.environ.get("EMAMBA_CPU_GEMM", "auto").strip().lower() or "auto"
+        if engine not in CPU_GEMM_ENGINES:
+            raise ValueError(f"EMAMBA_CPU_GEMM must be one of {CPU_GEMM_ENGINES}, got {engine!r}")
+    if engine == "auto":
+        return "onednn" if _onednn_usable() and cpu_vendor() == "AuthenticAMD" else "blas"
+    if engine == "onednn" and not _onednn_usable():
+        return "blas"  # a PyTorch build without oneDNN: nothing else to run
+    return engine
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The x86 vendor string (``AuthenticAMD``, ``GenuineIntel``), or ``platform.processor()`` elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_usable() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def projection_path(weight: Tensor, x: Tensor, backend: str = "auto") -> str:
+    """Which GEMM :func:`channels_first_linear` takes: ``"fold"`` (L == 1), ``"onednn"`` or ``"bmm"``."""
+    if x.shape[-1] == 1:
+        return "fold"
+    out_features, in_features = weight.shape
+    if (
+        backend not in ("reference", "torch")
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and in_features >= ONEDNN_MIN_INNER
+        and out_features * in_features * x.shape[-1] >= ONEDNN_MIN_FLOPS_PER_IMAGE
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        and cpu_gemm() == "onednn"
+        and not torch.onnx.is_in_onnx_export()
+    ):
+        return "onednn"
+    return "bmm"
+
+
+def onednn_per_image(weight: Tensor, x: Tensor) -> Tensor:
+    """weight @ x[b] for every b with one oneDNN GEMM per image (fp32 CPU tensors, no autograd)."""
+    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
+    for b in range(x.shape[0]):
+        # linear(a, w) = a @ w.T: with a = weight and w = x[b].T it is weight @ x[b], already (out, L)
+        out[b] = torch.ops.mkldnn._linear_pointwise(weight, x[b].t(), None, "none", [], "")
+    return out
+
+
+def channels_first_linear(weight: Tensor, x: Tensor, backend: str = "auto") -> Tensor:
+    """weight @ x[b] for every b: (out, in) x (batch, in, L) -> (batch, out, L), contiguous.
+
+    ``backend`` is the mixer's scan backend (``reference`` and ``torch`` never take oneDNN). Results agree
+    with ``torch.bmm`` to fp32 rounding (different GEMMs sum in different orders); autograd works on the
+    ``bmm`` and ``fold`` paths, which are the only ones taken when a gradient is needed.
+    """
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"expected weight (out, in) and x (batch, in, L) with matching in, got {tuple(weight.shape)} and "
+            f"{tuple(x.shape)}"
+        )
+    path = projection_path(weight, x, backend)
+    if path == "fold":
+        return F.linear(x[..., 0], weight).unsqueeze(-1)
+    if path == "onednn":
+        return onednn_per_image(weight, x)
+    # An explicit batched GEMM over the expanded weight: torch.matmul would fold the batch into the rows
+    # when the weight requires grad (avoiding a (batch, out, in) weight-gradient buffer), and that fold
+    # copies a transposed operand. Here the weight gradient is a (batch, out, in) sum, tiny next to x.
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
