@@ -83,14 +83,27 @@ def test_onednn_only_where_allowed():
 
 
 @pytest.mark.parametrize(
-    "vendor,usable,expected",
-    [("AuthenticAMD", True, "onednn"), ("GenuineIntel", True, "blas"), ("AuthenticAMD", False, "blas"),
-     ("arm", True, "blas")],
+    "vendor,usable,capability,isa_cap,expected",
+    [
+        ("AuthenticAMD", True, "AVX512", None, "onednn"),
+        ("AuthenticAMD", True, "AVX512", "avx512_core", "onednn"),
+        ("AuthenticAMD", True, "AVX512", "AVX2", "blas"),  # oneDNN capped: measured slower than MKL
+        ("AuthenticAMD", True, "AVX2", None, "blas"),
+        ("GenuineIntel", True, "AVX512", None, "blas"),
+        ("AuthenticAMD", False, "AVX512", None, "blas"),
+        ("arm", True, "DEFAULT", None, "blas"),
+    ],
 )
-def test_automatic_engine_is_onednn_on_amd_only(monkeypatch, vendor, usable, expected):
+def test_automatic_engine_is_onednn_on_amd_avx512_only(monkeypatch, vendor, usable, capability, isa_cap, expected):
     monkeypatch.setattr(projection, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(projection, "_onednn_usable", lambda: usable)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.delenv("EMAMBA_CPU_GEMM", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa_cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
     assert cpu_gemm() == expected
     monkeypatch.setenv("EMAMBA_CPU_GEMM", "BLAS")
     assert cpu_gemm() == "blas"
