@@ -244,6 +244,15 @@ def main() -> None:
     mamba_mod.selective_scan = prof.forced_region("mamba.scan", orig_scan)
     if hasattr(mamba_mod, "causal_conv1d_silu"):  # the fused conv op (absent in older revisions)
         mamba_mod.causal_conv1d_silu = prof.forced_region("mamba.conv1d+silu", mamba_mod.causal_conv1d_silu)
+    if hasattr(mamba_mod, "channels_first_linear"):  # the projections' GEMM dispatch (oneDNN or BLAS)
+        project = mamba_mod.channels_first_linear
+
+        def attributed_projection(weight, x, backend="auto"):
+            owner = weight._base if weight._base is not None else weight  # in_proj's halves are views
+            part = prof.weight_part.get(id(owner), "mamba.linear?")
+            return prof.forced_region(part, project)(weight, x, backend)
+
+        mamba_mod.channels_first_linear = attributed_projection
     if hasattr(einfft_mod.EinFFT, "_expand_block_weights"):  # building the real block matrices
         expand = einfft_mod.EinFFT._expand_block_weights
         einfft_mod.EinFFT._expand_block_weights = prof.forced_region("einfft.block_weights", expand)

@@ -83,18 +83,22 @@ def test_onednn_only_where_allowed():
 
 
 @pytest.mark.parametrize(
-    "vendor,usable,capability,isa_cap,expected",
+    "vendor,usable,capability,isa_cap,threads,expected",
     [
-        ("AuthenticAMD", True, "AVX512", None, "onednn"),
-        ("AuthenticAMD", True, "AVX512", "avx512_core", "onednn"),
-        ("AuthenticAMD", True, "AVX512", "AVX2", "blas"),  # oneDNN capped: measured slower than MKL
-        ("AuthenticAMD", True, "AVX2", None, "blas"),
-        ("GenuineIntel", True, "AVX512", None, "blas"),
-        ("AuthenticAMD", False, "AVX512", None, "blas"),
-        ("arm", True, "DEFAULT", None, "blas"),
+        ("AuthenticAMD", True, "AVX512", None, 1, "onednn"),
+        ("AuthenticAMD", True, "AVX512", "avx512_core", 1, "onednn"),
+        ("AuthenticAMD", True, "AVX512", None, 2, "blas"),  # no gain measured with two threads
+        ("AuthenticAMD", True, "AVX512", "AVX2", 1, "blas"),  # oneDNN capped: measured slower than MKL
+        ("AuthenticAMD", True, "AVX2", None, 1, "blas"),
+        ("GenuineIntel", True, "AVX512", None, 1, "blas"),
+        ("AuthenticAMD", False, "AVX512", None, 1, "blas"),
+        ("arm", True, "DEFAULT", None, 1, "blas"),
     ],
 )
-def test_automatic_engine_is_onednn_on_amd_avx512_only(monkeypatch, vendor, usable, capability, isa_cap, expected):
+def test_automatic_engine_where_onednn_was_measured_faster(
+    monkeypatch, vendor, usable, capability, isa_cap, threads, expected
+):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(projection, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(projection, "_onednn_usable", lambda: usable)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)

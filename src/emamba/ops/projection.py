@@ -11,9 +11,11 @@ machine and the shape:
   ones (the per-call overhead is ~20 us): dt_proj (inner size = dt_rank, 4-28) and anything under ~4
   MFLOP per image. Used only in inference (no autograd formula), in fp32, outside autocast, tracing,
   compilation and export, and with a fused backend (``reference`` and ``torch`` stay plain PyTorch).
-  The automatic choice takes it on AMD CPUs with AVX-512 only: with oneDNN and MKL both capped at AVX2
-  (standing in for Zen 2/3) the model was 3-9% slower with it, and on Intel, where MKL runs AVX-512, it
-  is unmeasured. ``EMAMBA_CPU_GEMM=onednn|blas`` (or :func:`set_cpu_gemm`) overrides the choice.
+  The automatic choice takes it only where it made EMamba-S inference faster: on AMD CPUs with AVX-512
+  and one intra-op thread (1.10x). With two threads the projections took as long as with MKL in two of
+  three runs (one parallel GEMM per image against MKL's batch split over the threads); with oneDNN and
+  MKL both capped at AVX2 (standing in for Zen 2/3) the model was 3-9% slower; on Intel, where MKL runs
+  AVX-512, it is unmeasured. ``EMAMBA_CPU_GEMM=onednn|blas`` (or :func:`set_cpu_gemm`) overrides it.
 * **one GEMM over the batch** when L == 1 (the class-token post block): ``bmm`` of (out, in) x (in, 1)
   per image is a matrix-vector product per image, ~17x slower than one (batch, in) x (in, out) GEMM.
 
@@ -43,8 +45,8 @@ _cpu_gemm: Optional[str] = None  # None: read EMAMBA_CPU_GEMM on first use
 def set_cpu_gemm(engine: Optional[str]) -> None:
     """Choose the CPU engine for the mixer's projections: ``auto``, ``onednn`` or ``blas``.
 
-    ``None`` goes back to ``EMAMBA_CPU_GEMM`` (default ``auto``: oneDNN on AMD CPUs with AVX-512, BLAS
-    elsewhere).
+    ``None`` goes back to ``EMAMBA_CPU_GEMM`` (default ``auto``: oneDNN on AMD CPUs with AVX-512 running
+    one thread, BLAS elsewhere).
     """
     global _cpu_gemm
     if engine is not None and engine not in CPU_GEMM_ENGINES:
@@ -60,7 +62,8 @@ def cpu_gemm() -> str:
         if engine not in CPU_GEMM_ENGINES:
             raise ValueError(f"EMAMBA_CPU_GEMM must be one of {CPU_GEMM_ENGINES}, got {engine!r}")
     if engine == "auto":
-        return "onednn" if _onednn_usable() and cpu_vendor() == "AuthenticAMD" and _onednn_avx512() else "blas"
+        amd_avx512 = _onednn_usable() and cpu_vendor() == "AuthenticAMD" and _onednn_avx512()
+        return "onednn" if amd_avx512 and torch.get_num_threads() == 1 else "blas"
     if engine == "onednn" and not _onednn_usable():
         return "blas"  # a PyTorch build without oneDNN: nothing else to run
     return engine
