@@ -11,7 +11,7 @@ import torch
 
 from emamba import cli
 from emamba.flops import model_flops
-from emamba.ops import scan_cpu
+from emamba.ops import cpu_gemm, scan_cpu
 
 # The paper's GMACs at 224 (Linear + Conv MACs): ours are within 0.5% (see README, "FLOPs").
 PAPER_GMACS = {"emamba_s": 2.45, "emamba_b": 4.19, "emamba_l": 7.58}
@@ -114,6 +114,9 @@ def test_benchmark_json_last_line(capsys, bench):
         assert row["scan_kernel"] == scan_cpu.kernel_variant() and row["scan_kernel"] in ("avx512", "avx2", "generic")
     else:
         assert row["scan_kernel"] is None
+    # the projections' GEMM engine: oneDNN only for fp32 eager inference (where the automatic choice allows it)
+    expected = cpu_gemm() if bench == "infer" and row["backend"] == "cpu" else "blas"
+    assert row["projection_gemm"] == expected
 
 
 def test_benchmark_reference_backend_and_amp(capsys):
@@ -121,7 +124,7 @@ def test_benchmark_reference_backend_and_amp(capsys):
             "--backend", "reference", "--amp", "bf16", "--num-warm-iter", "1", "--num-bench-iter", "1", "--json"]
     assert cli.main(argv) == 0
     row = last_json(capsys.readouterr().out)
-    assert row["backend"] == "reference" and row["scan_kernel"] is None
+    assert row["backend"] == "reference" and row["scan_kernel"] is None and row["projection_gemm"] == "blas"
 
 
 def test_benchmark_rejects_bad_sizes():

@@ -81,6 +81,17 @@ def _scan_kernel(backend: str) -> Optional[str]:
     return scan_cpu.kernel_variant()
 
 
+def _projection_gemm(args: argparse.Namespace, backend: str) -> Optional[str]:
+    """The GEMM engine of the Mamba projections in this run, "onednn" or "blas" (emamba.ops.projection); it
+    sets their speed on AMD CPUs. oneDNN is only ever taken in fp32 eager inference with a fused backend."""
+    if args.device != "cpu":
+        return None
+    from emamba.ops import cpu_gemm
+
+    may_take_onednn = args.bench == "infer" and args.amp is None and not args.compile
+    return cpu_gemm() if may_take_onednn and backend not in ("reference", "torch") else "blas"
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     import timm
 
@@ -165,6 +176,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "backend": backend,
         # the fused CPU scan's code path ("avx512", "avx2" or "generic"), which sets its speed; None otherwise
         "scan_kernel": _scan_kernel(backend),
+        "projection_gemm": _projection_gemm(args, backend),
         "samples_per_sec": args.batch_size / step_s,
         "step_ms": step_s * 1e3,
         "step_ms_all": [t * 1e3 for t in times],
@@ -182,7 +194,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = run_benchmark(args)
     print(f"{result['model']} {result['bench']} on {result['device']} ({result['threads']} threads), "
           f"batch {result['batch_size']} @ {result['img_size']}px, backend {result['backend']}"
-          f"{' (' + result['scan_kernel'] + ' kernel)' if result['scan_kernel'] else ''}, "
+          f"{' (' + result['scan_kernel'] + ' kernel)' if result['scan_kernel'] else ''}"
+          f"{', projections ' + result['projection_gemm'] if result['projection_gemm'] else ''}, "
           f"amp {result['amp'] or 'off'}, compile {result['compile']}")
     print(f"  {result['samples_per_sec']:.2f} samples/s, {result['step_ms']:.1f} ms/step (median of "
           f"{args.num_bench_iter}), peak memory {result['peak_mem_mb']:.0f} MB, "
