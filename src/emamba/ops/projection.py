@@ -12,14 +12,14 @@ machine and the shape:
   MFLOP per image. Used only in inference (no autograd formula), in fp32, outside autocast, tracing,
   compilation and export, and with a fused backend (``reference`` and ``torch`` stay plain PyTorch).
   The automatic choice takes it only where it made EMamba-S inference faster: on AMD CPUs with AVX-512
-  and one intra-op thread (1.10x). With two threads the projections took as long as with MKL in two of
+  and one intra-op thread (1.05-1.10x). With two threads the projections took as long as with MKL in two of
   three runs (one parallel GEMM per image against MKL's batch split over the threads); with oneDNN and
   MKL both capped at AVX2 (standing in for Zen 2/3) the model was 3-9% slower; on Intel, where MKL runs
   AVX-512, it is unmeasured. ``EMAMBA_CPU_GEMM=onednn|blas`` (or :func:`set_cpu_gemm`) overrides it.
 * **one GEMM over the batch** when L == 1 (the class-token post block): ``bmm`` of (out, in) x (in, 1)
   per image is a matrix-vector product per image, ~17x slower than one (batch, in) x (in, out) GEMM.
 
-Numbers and commands: docs/performance_cpu.md ("oneDNN projections").
+Numbers and commands: docs/performance_cpu.md ("oneDNN projections and a batch GEMM for single tokens").
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ CPU_GEMM_ENGINES = ("auto", "onednn", "blas")
 ONEDNN_MIN_INNER = 32
 ONEDNN_MIN_FLOPS_PER_IMAGE = 4_000_000
 
-_cpu_gemm: Optional[str] = None  # None: read EMAMBA_CPU_GEMM on first use
+_cpu_gemm: Optional[str] = None  # set by set_cpu_gemm; None: EMAMBA_CPU_GEMM decides (read on every call)
 
 
 def set_cpu_gemm(engine: Optional[str]) -> None:
