@@ -23,19 +23,10 @@ import time
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import emamba  # noqa: F401  (registers the models)
 import emamba.layers.mamba as mamba_layer
 from emamba.ops import projection
-
-
-def bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-
-
-def fold(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x[..., 0], weight).unsqueeze(-1)
 
 
 def timed_ms(fn) -> float:
@@ -96,12 +87,12 @@ def main(argv=None) -> int:
             weight, x = torch.randn(w_shape), torch.randn(x_shape)
             with torch.no_grad():
                 path = projection.projection_path(weight, x)
-                ref = bmm(weight, x)
-                t_bmm = median_ms(lambda: bmm(weight, x), args.gemm_repeats)
+                ref = projection.bmm_expanded(weight, x)
+                t_bmm = median_ms(lambda: projection.bmm_expanded(weight, x), args.gemm_repeats)
                 t_dnn = median_ms(lambda: projection.onednn_per_image(weight, x), args.gemm_repeats)
                 line = f"  weight {w_shape} x {x_shape}: bmm {t_bmm:.3f}, oneDNN {t_dnn:.3f} ({t_bmm / t_dnn:.2f}x)"
                 if x_shape[-1] == 1:
-                    t_fold = median_ms(lambda: fold(weight, x), args.gemm_repeats)
+                    t_fold = median_ms(lambda: projection.fold_over_batch(weight, x), args.gemm_repeats)
                     line += f", fold {t_fold:.3f} ({t_bmm / t_fold:.2f}x)"
                 diff = (projection.channels_first_linear(weight, x) - ref).abs().max().item()
             print(f"{line}; rule takes {path}, max |diff| vs bmm {diff:.1e}")

@@ -63,14 +63,9 @@ def _sync(device: str) -> None:
 
 def cpu_model() -> str:
     """The host CPU's model name (ratios measured on this project's VMs depend on it)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from emamba.ops.projection import cpuinfo_field
+
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _scan_kernel(backend: str) -> Optional[str]:
@@ -87,9 +82,10 @@ def _projection_gemm(args: argparse.Namespace, backend: str) -> Optional[str]:
     if args.device != "cpu":
         return None
     from emamba.ops import cpu_gemm
+    from emamba.ops.selective_scan import PURE_PYTORCH_BACKENDS
 
     may_take_onednn = args.bench == "infer" and args.amp is None and not args.compile
-    return cpu_gemm() if may_take_onednn and backend not in ("reference", "torch") else "blas"
+    return cpu_gemm() if may_take_onednn and backend not in PURE_PYTORCH_BACKENDS else "blas"
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import conv_triton, scan_cpu
 from .amp import autocast_disabled
+from .selective_scan import PURE_PYTORCH_BACKENDS
 
 _EMPTY = (0,)
 
@@ -109,7 +110,7 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"weight must be (d={x.shape[1]}, K), got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
         raise ValueError(f"bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
-    if backend in ("reference", "torch"):
+    if backend in PURE_PYTORCH_BACKENDS:
         return causal_conv1d_silu_reference(x, weight, bias)
     if x.device.type == "cuda":
         if torch.is_autocast_enabled("cuda"):  # the dtype F.conv1d would run in

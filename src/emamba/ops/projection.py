@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .selective_scan import PURE_PYTORCH_BACKENDS
+
 CPU_GEMM_ENGINES = ("auto", "onednn", "blas")
 
 # oneDNN's per-call overhead dominates below these (measured on Zen 5, docs/performance_cpu.md).
@@ -69,17 +71,22 @@ def cpu_gemm() -> str:
     return engine
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_vendor() -> str:
-    """The x86 vendor string (``AuthenticAMD``, ``GenuineIntel``), or ``platform.processor()`` elsewhere."""
+def cpuinfo_field(name: str) -> Optional[str]:
+    """The first value of ``name`` in /proc/cpuinfo (e.g. ``vendor_id``, ``model name``); None without it."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The x86 vendor string (``AuthenticAMD``, ``GenuineIntel``), or ``platform.processor()`` elsewhere."""
+    return cpuinfo_field("vendor_id") or platform.processor()
 
 
 # oneDNN's ISA caps below AVX-512 (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA values)
@@ -103,7 +110,7 @@ def projection_path(weight: Tensor, x: Tensor, backend: str = "auto") -> str:
         return "fold"
     out_features, in_features = weight.shape
     if (
-        backend not in ("reference", "torch")
+        backend not in PURE_PYTORCH_BACKENDS
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -117,6 +124,21 @@ def projection_path(weight: Tensor, x: Tensor, backend: str = "auto") -> str:
     ):
         return "onednn"
     return "bmm"
+
+
+def bmm_expanded(weight: Tensor, x: Tensor) -> Tensor:
+    """weight @ x[b] for every b as one batched GEMM over the expanded weight (the ``bmm`` path).
+
+    ``torch.matmul`` would fold the batch into the rows when the weight requires grad (avoiding a (batch,
+    out, in) weight-gradient buffer), and that fold copies a transposed operand. Here the weight gradient is
+    a (batch, out, in) sum, tiny next to x.
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+def fold_over_batch(weight: Tensor, x: Tensor) -> Tensor:
+    """weight @ x[b] for every b when L == 1 (the ``fold`` path): one (batch, in) x (in, out) GEMM."""
+    return F.linear(x[..., 0], weight).unsqueeze(-1)
 
 
 def onednn_per_image(weight: Tensor, x: Tensor) -> Tensor:
@@ -142,10 +164,7 @@ def channels_first_linear(weight: Tensor, x: Tensor, backend: str = "auto") -> T
         )
     path = projection_path(weight, x, backend)
     if path == "fold":
-        return F.linear(x[..., 0], weight).unsqueeze(-1)
+        return fold_over_batch(weight, x)
     if path == "onednn":
         return onednn_per_image(weight, x)
-    # An explicit batched GEMM over the expanded weight: torch.matmul would fold the batch into the rows
-    # when the weight requires grad (avoiding a (batch, out, in) weight-gradient buffer), and that fold
-    # copies a transposed operand. Here the weight gradient is a (batch, out, in) sum, tiny next to x.
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    return bmm_expanded(weight, x)

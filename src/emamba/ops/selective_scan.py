@@ -36,6 +36,8 @@ from .scan_reference import selective_scan_reference, selective_scan_torch
 
 BACKENDS = ("reference", "torch", "cpu", "triton", "mamba_ssm")
 FUSED_BACKENDS = ("cpu", "triton")
+# plain PyTorch, no kernels: the mixer around them stays plain PyTorch too (conv1d, projections)
+PURE_PYTORCH_BACKENDS = ("reference", "torch")
 ENV_VAR = "EMAMBA_SCAN_BACKEND"
 
 _FUSED_MODULES = {"cpu": "emamba.ops.scan_cpu", "triton": "emamba.ops.scan_triton"}
@@ -52,7 +54,7 @@ def backend_status(name: str) -> tuple[bool, str]:
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r}; choose one of {BACKENDS + ('auto',)}")
     if name not in _availability:
-        if name in ("reference", "torch"):
+        if name in PURE_PYTORCH_BACKENDS:
             status = (True, "pure PyTorch")
         elif name == "mamba_ssm":
             try:
