@@ -132,3 +132,30 @@ def test_missing_file_and_column_errors(tmp_path):
         TimeSeriesDataset(tmp_path, "x.csv", "val", (96, 48, 96), "custom")
     # M on a file without the target column works (all columns are variables)
     assert TimeSeriesDataset(tmp_path, "x.csv", "train", (24, 12, 24), "custom").num_variables == 1
+
+
+@pytest.mark.parametrize(
+    "data, cycle_len, freq, root",
+    [
+        ("ETTh1", 24, "h", BUNDLED_DIR),  # hour of day
+        pytest.param("ETTm1", 96, "t", ETT_DIR, marks=needs_ett),  # quarter-hour of day
+    ],
+)
+def test_cycle_index_is_the_phase_of_the_calendar(data, cycle_len, freq, root):
+    """The fifth item is the window's first row in the file modulo cycle_len; on ETT (rows from midnight)
+    that is the time of day, checked against the calendar features of every split."""
+    for flag in ("train", "val", "test"):
+        ds = TimeSeriesDataset(root, f"{data}.csv", flag, (96, 48, 96), data, freq=freq, cycle_len=cycle_len)
+        for index in (0, 1, 37, len(ds) - 1):
+            item = ds[index]
+            assert len(item) == 5 and item[4].dtype == np.int64
+            assert item[4] == (ds.border1 + index) % cycle_len
+            stamp = item[2][0]  # first look-back step; TSLib timeenc=1 features in [-0.5, 0.5]
+            if freq == "h":
+                expected = round((stamp[0] + 0.5) * 23)
+            else:
+                expected = round((stamp[1] + 0.5) * 23) * 4 + round((stamp[0] + 0.5) * 59) // 15
+            assert item[4] == expected
+    assert len(TimeSeriesDataset(root, f"{data}.csv", "val", (96, 48, 96), data, freq=freq)[0]) == 4  # off: TSLib's 4
+    with pytest.raises(ValueError, match="cycle_len must be >= 0"):
+        TimeSeriesDataset(root, f"{data}.csv", "val", (96, 48, 96), data, freq=freq, cycle_len=-1)

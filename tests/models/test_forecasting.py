@@ -97,3 +97,55 @@ def test_bad_configs():
         EMambaTS(96, 96, 1, c_out=7)
     with pytest.raises(ValueError, match="expects"):
         EMambaTS(96, 96, 7, **TINY)(torch.randn(2, 48, 7))
+
+
+def _window_cycle(cycle: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Rows start, start + 1, ... of the cycle table, wrapping around: the definition, step by step."""
+    return torch.stack([cycle[(start + i) % cycle.shape[0]] for i in range(length)])
+
+
+def test_learned_cycle_is_removed_from_the_input_and_added_to_the_forecast():
+    """With RevIN off the model is cycle(out) + inner(x - cycle(in)); phases wrap around the table."""
+    seq_len, pred_len, enc_in, cycle_len = 32, 8, 3, 24
+    model = EMambaTS(seq_len, pred_len, enc_in, revin=False, cycle_len=cycle_len, **TINY).eval()
+    with torch.no_grad():
+        model.cycle.normal_()
+    plain = EMambaTS(seq_len, pred_len, enc_in, revin=False, **TINY).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "cycle"})
+    x = torch.randn(3, seq_len, enc_in)
+    phase = torch.tensor([0, 5, 23])  # 23 + 32 steps wraps the table more than once
+    expected = torch.stack([
+        plain(x[b : b + 1] - _window_cycle(model.cycle, p, seq_len))[0] + _window_cycle(model.cycle, p + seq_len, pred_len)
+        for b, p in enumerate(phase.tolist())
+    ])
+    torch.testing.assert_close(model(x, phase), expected)
+    torch.testing.assert_close(model(x, phase + cycle_len), expected)  # only the phase modulo cycle_len counts
+
+
+def test_learned_cycle_starts_at_zero_and_is_trained():
+    model = EMambaTS(96, 24, 7, cycle_len=24, **TINY)
+    assert model.cycle.shape == (24, 7) and not model.cycle.any()
+    model(torch.randn(2, 96, 7), torch.tensor([3, 17])).pow(2).mean().backward()
+    assert model.cycle.grad is not None and model.cycle.grad.abs().sum() > 0
+
+
+def test_learned_cycle_bad_inputs():
+    model = EMambaTS(96, 24, 7, cycle_len=24, **TINY)
+    with pytest.raises(ValueError, match="needs cycle_index"):
+        model(torch.randn(2, 96, 7))
+    with pytest.raises(ValueError, match=r"\(2,\) integer tensor"):
+        model(torch.randn(2, 96, 7), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"\(2,\) integer tensor"):
+        model(torch.randn(2, 96, 7), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="cycle_len must be >= 0"):
+        EMambaTS(96, 24, 7, cycle_len=-1)
+
+
+def test_tslib_model_passes_the_cycle_index():
+    configs = SimpleNamespace(seq_len=96, pred_len=24, enc_in=7, cycle_len=24, d_model=8, d_ff=16, d_state=4)
+    model = Model(configs).eval()
+    assert model.model.cycle.shape == (24, 7)
+    x = torch.randn(2, 96, 7)
+    assert model(x, None, None, None, cycle_index=torch.tensor([0, 1])).shape == (2, 24, 7)
+    with pytest.raises(ValueError, match="needs cycle_index"):
+        model(x, None, None, None)

@@ -292,6 +292,10 @@ class TimeSeriesDataset(Dataset):
         target: target column (last column of the arrays for M / MS).
         scale: z-score with the train statistics.
         freq: sampling frequency for the calendar features.
+        cycle_len: if > 0, each item has a fifth element, the phase of the window's first step in a cycle of
+            that many steps: its row index in the whole file modulo ``cycle_len`` (the ``cycle_index`` of
+            EMamba-TS's learned cycle; with ETT's rows starting at midnight, 24 gives the hour of day for
+            hourly data and 96 the quarter-hour of day for ETTm).
     """
 
     def __init__(
@@ -305,6 +309,7 @@ class TimeSeriesDataset(Dataset):
         target: str = "OT",
         scale: bool = True,
         freq: str = "h",
+        cycle_len: int = 0,
     ) -> None:
         if flag not in FLAGS:
             raise ValueError(f"flag must be one of {FLAGS}, got {flag!r}")
@@ -316,6 +321,9 @@ class TimeSeriesDataset(Dataset):
         if self.seq_len <= 0 or self.pred_len <= 0 or not 0 <= self.label_len <= self.seq_len:
             raise ValueError(f"need seq_len > 0, pred_len > 0 and 0 <= label_len <= seq_len, got {size}")
         self.flag, self.features, self.target, self.scale, self.freq = flag, features, target, scale, freq
+        if cycle_len < 0:
+            raise ValueError(f"cycle_len must be >= 0 (0: no cycle index), got {cycle_len}")
+        self.cycle_len = int(cycle_len)
 
         self.path = resolve_data_file(root_path, data_path)
         table = _read_table(self.path, features, target)
@@ -351,12 +359,15 @@ class TimeSeriesDataset(Dataset):
         s_end = index + self.seq_len
         r_begin = s_end - self.label_len
         r_end = s_end + self.pred_len
-        return (
+        item = (
             self.data_x[index:s_end],
             self.data_y[r_begin:r_end],
             self.data_stamp[index:s_end],
             self.data_stamp[r_begin:r_end],
         )
+        if self.cycle_len:
+            item += (np.int64((self.border1 + index) % self.cycle_len),)
+        return item
 
     def inverse_transform(self, data):
         return self.scaler.inverse_transform(data)
@@ -366,7 +377,7 @@ def data_provider(args, flag: str) -> tuple[TimeSeriesDataset, DataLoader]:
     """TSLib's ``data_provider(args, flag)``: the split's dataset and loader.
 
     Reads ``root_path, data_path, data, seq_len, label_len, pred_len, features, target, freq, batch_size,
-    num_workers`` from ``args``. Only the train loader shuffles and drops its last partial batch (as TSLib;
+    num_workers`` and optionally ``cycle_len`` from ``args``. Only the train loader shuffles and drops its last partial batch (as TSLib;
     it keeps batch statistics steady); val and test keep every window.
     """
     dataset = TimeSeriesDataset(
@@ -378,6 +389,7 @@ def data_provider(args, flag: str) -> tuple[TimeSeriesDataset, DataLoader]:
         features=args.features,
         target=args.target,
         freq=args.freq,
+        cycle_len=getattr(args, "cycle_len", 0),
     )
     train = flag == "train"
     loader = DataLoader(

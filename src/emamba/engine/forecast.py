@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--affine", type=_bool_int, default=1, help="RevIN's learnable per-variate scale and shift")
     g.add_argument("--subtract_last", type=_bool_int, default=0,
                    help="RevIN centres each window on its last value instead of its mean")
+    g.add_argument("--cycle_len", type=_non_negative_int, default=0,
+                   help="0: off; else learn a recurring cycle of this many steps per variate, subtracted from "
+                        "the input and added to the forecast (CycleNet's residual cycle; 24 = daily for hourly "
+                        "data, 96 = daily for 15-minute data; phase = row index in the file modulo cycle_len)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_epochs", type=_positive_int, default=10)
@@ -359,17 +363,25 @@ def _f_dim(args: argparse.Namespace) -> int:
     return -1 if args.features == "MS" else 0
 
 
+def forward_batch(model: nn.Module, batch, device) -> torch.Tensor:
+    """The model's forecast for one loader batch: TSLib's four tensors, plus the cycle phase when the
+    dataset makes one (``--cycle_len``)."""
+    batch_x, _, batch_x_mark, batch_y_mark = batch[:4]
+    extra = {"cycle_index": batch[4].to(device)} if len(batch) > 4 else {}
+    return model(batch_x.float().to(device), batch_x_mark.float().to(device), None,
+                 batch_y_mark.float().to(device), **extra)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, args, device, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
     """(predictions, truths) of every window of ``loader``: (windows, pred_len, c_out) scaled arrays."""
     model.eval()
     preds, trues = [], []
     f_dim = _f_dim(args)
-    for batch_x, batch_y, batch_x_mark, batch_y_mark in _progress(loader, desc=desc):
-        batch_x = batch_x.float().to(device)
-        out = model(batch_x, batch_x_mark.float().to(device), None, batch_y_mark.float().to(device))
+    for batch in _progress(loader, desc=desc):
+        out = forward_batch(model, batch, device)
         preds.append(out[:, -args.pred_len :, f_dim:].cpu().numpy())
-        trues.append(batch_y[:, -args.pred_len :, f_dim:].numpy())
+        trues.append(batch[1][:, -args.pred_len :, f_dim:].numpy())
     return np.concatenate(preds), np.concatenate(trues)
 
 
@@ -377,7 +389,7 @@ def naive_forecast(loader: DataLoader, args) -> tuple[np.ndarray, np.ndarray]:
     """Repeat-last-value baseline: every horizon step equals the last look-back value."""
     preds, trues = [], []
     f_dim = _f_dim(args)
-    for batch_x, batch_y, _, _ in loader:
+    for batch_x, batch_y, *_ in loader:
         last = batch_x[:, -1:, f_dim:].numpy()
         preds.append(np.repeat(last, args.pred_len, axis=1))
         trues.append(batch_y[:, -args.pred_len :, f_dim:].numpy())
@@ -440,10 +452,9 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
         total, count = 0.0, 0
         bar = _progress(loaders["train"], desc=f"epoch {epoch}/{args.train_epochs}")
         try:
-            for batch_x, batch_y, batch_x_mark, batch_y_mark in bar:
-                batch_x = batch_x.float().to(device)
-                target = batch_y[:, -args.pred_len :, f_dim:].float().to(device)
-                out = model(batch_x, batch_x_mark.float().to(device), None, batch_y_mark.float().to(device))
+            for batch in bar:
+                target = batch[1][:, -args.pred_len :, f_dim:].float().to(device)
+                out = forward_batch(model, batch, device)
                 loss = criterion(out[:, -args.pred_len :, f_dim:], target, args.loss)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"training loss is {loss.item()} at epoch {epoch}, batch {count + 1}")
@@ -531,7 +542,8 @@ def plot_windows(model_pred: np.ndarray, true: np.ndarray, dataset: TimeSeriesDa
 _ROW_ARGS = (
     "model_id", "model", "data", "data_path", "features", "target", "seq_len", "label_len", "pred_len",
     "enc_in", "c_out", "tokenization", "patch_len", "stride", "d_model", "e_layers", "d_ff", "d_state", "d_conv",
-    "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "batch_size",
+    "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "cycle_len",
+    "batch_size",
     "learning_rate", "lradj", "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "des",
 )
 

@@ -13,6 +13,12 @@ no forecasting code or configuration. This design follows what works on the ETT 
   across the variates, so variables interact.
 * A stack of ``e_layers`` EMamba blocks: x + Dropout(Mamba(LN x)), then x + Dropout(EinFFT(LN x)).
 * A final LayerNorm and a linear head to ``pred_len`` steps per variate.
+* Optionally (``cycle_len`` > 0) a **learned recurring cycle** per variate (the residual cycle forecasting of
+  CycleNet, Lin et al., NeurIPS 2024): a table of ``cycle_len`` values per variate, indexed by each step's
+  phase in the cycle (e.g. hour of day: ``cycle_len`` 24 for hourly data), is subtracted from the
+  normalised look-back and added back to the forecast, so the blocks model only what the daily (or weekly)
+  pattern does not explain. The phase comes from the data (the window's absolute row index modulo
+  ``cycle_len``, see ``TimeSeriesDataset(cycle_len=...)``), passed as ``cycle_index``.
 
 ``Model(configs)`` wraps it with Time-Series-Library's four-tensor forward so that EMamba-TS drops into that
 library (``models/EMamba.py: from emamba.models.forecasting import Model``).
@@ -122,6 +128,8 @@ class EMambaTS(nn.Module):
         revin: reversible instance normalisation of every input window.
         revin_affine, subtract_last: RevIN's learnable per-variate scale and shift, and centring on the
             window's last value instead of its mean (see :class:`RevIN`).
+        cycle_len: length of the learned recurring cycle in steps (0: off). ``forward`` then needs
+            ``cycle_index``, the phase of each window's first step.
     """
 
     def __init__(
@@ -145,6 +153,7 @@ class EMambaTS(nn.Module):
         revin: bool = True,
         revin_affine: bool = True,
         subtract_last: bool = False,
+        cycle_len: int = 0,
     ) -> None:
         super().__init__()
         c_out = enc_in if c_out is None else c_out
@@ -153,6 +162,8 @@ class EMambaTS(nn.Module):
             raise ValueError(f"tokenization must be one of {TOKENIZATIONS}, got {tokenization!r}")
         if min(seq_len, pred_len, enc_in, c_out, d_model, e_layers, d_ff) <= 0:
             raise ValueError("seq_len, pred_len, enc_in, c_out, d_model, e_layers and d_ff must be positive")
+        if cycle_len < 0:
+            raise ValueError(f"cycle_len must be >= 0 (0: no learned cycle), got {cycle_len}")
         if c_out > enc_in:
             raise ValueError(f"c_out={c_out} > enc_in={enc_in}: the model forecasts a subset of its input variates")
         if d_model % einfft_blocks:
@@ -161,6 +172,9 @@ class EMambaTS(nn.Module):
         self.tokenization = tokenization
 
         self.revin = RevIN(enc_in, affine=revin_affine, subtract_last=subtract_last) if revin else None
+        self.cycle_len = cycle_len
+        # Zeros: training starts from the plain model and learns the cycle only as far as it helps.
+        self.cycle = nn.Parameter(torch.zeros(cycle_len, enc_in)) if cycle_len else None
         if tokenization == "patch":
             if patch_len <= 0 or stride <= 0:
                 raise ValueError(f"patch_len and stride must be positive, got {patch_len} and {stride}")
@@ -194,13 +208,33 @@ class EMambaTS(nn.Module):
         tokens = self.embed(patches) + self.pos_embed.unsqueeze(0)
         return tokens.flatten(0, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _cycle(self, start: Tensor, length: int) -> Tensor:
+        """The learned cycle over ``length`` steps from phase ``start`` (B,): (B, length, enc_in)."""
+        steps = torch.arange(length, device=start.device)
+        return self.cycle[(start.unsqueeze(1) + steps) % self.cycle_len]
+
+    def forward(self, x: Tensor, cycle_index: Optional[Tensor] = None) -> Tensor:
+        """(B, seq_len, enc_in) -> (B, pred_len, c_out); ``cycle_index`` (B,) integer phase of each window's
+        first step, required when ``cycle_len`` > 0 and ignored otherwise."""
         if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.enc_in:
             raise ValueError(f"EMambaTS expects (batch, {self.seq_len}, {self.enc_in}), got {tuple(x.shape)}")
         batch = x.shape[0]
+        if self.cycle is not None:
+            if cycle_index is None:
+                raise ValueError(
+                    f"this EMambaTS learns a cycle of {self.cycle_len} steps and needs cycle_index, the phase of "
+                    "each window's first step (TimeSeriesDataset(cycle_len=...) returns it as a fifth item)"
+                )
+            if cycle_index.shape != (batch,) or cycle_index.dtype.is_floating_point:
+                raise ValueError(
+                    f"cycle_index must be a ({batch},) integer tensor, got {tuple(cycle_index.shape)} {cycle_index.dtype}"
+                )
+            cycle_index = cycle_index.to(x.device) % self.cycle_len
         stats = None
         if self.revin is not None:
             x, stats = self.revin.normalize(x)
+        if self.cycle is not None:
+            x = x - self._cycle(cycle_index, self.seq_len)
         h = self.embed_drop(self._tokens(x))
         for block in self.blocks:
             h = block(h)
@@ -208,6 +242,8 @@ class EMambaTS(nn.Module):
         if self.tokenization == "patch":
             h = h.reshape(batch, self.enc_in, -1)  # (B, C, N * d_model)
         y = self.head(self.head_drop(h)).transpose(1, 2)  # (B, pred_len, C)
+        if self.cycle is not None:
+            y = y + self._cycle(cycle_index + self.seq_len, self.pred_len)
         if stats is not None:
             y = self.revin.denormalize(y, stats)
         return y[..., -self.c_out :]
@@ -231,6 +267,7 @@ _CONFIG_KEYS: dict[str, tuple[str, Any]] = {
     "revin": ("revin", True),
     "revin_affine": ("affine", True),
     "subtract_last": ("subtract_last", False),
+    "cycle_len": ("cycle_len", 0),
 }
 
 
@@ -247,9 +284,10 @@ class Model(nn.Module):
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
     e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
-    subtract_last`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's arguments).
-    EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for the interface and
-    not used. Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
+    subtract_last, cycle_len`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's
+    arguments). EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for the
+    interface and not used. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
+    CycleNet's fork of TSLib adds it the same way). Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
     """
 
     def __init__(self, configs: Any) -> None:
@@ -267,5 +305,6 @@ class Model(nn.Module):
         x_dec: Optional[Tensor] = None,
         x_mark_dec: Optional[Tensor] = None,
         mask: Optional[Tensor] = None,
+        cycle_index: Optional[Tensor] = None,
     ) -> Tensor:
-        return self.model(x_enc)
+        return self.model(x_enc, cycle_index)
