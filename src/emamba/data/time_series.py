@@ -278,7 +278,8 @@ def _read_table(path: Path, features: str, target: str) -> _Table:
 
 
 class TimeSeriesDataset(Dataset):
-    """Sliding windows of one split: ``(seq_x, seq_y, seq_x_mark, seq_y_mark)`` as in TSLib.
+    """Sliding windows of one split: ``(seq_x, seq_y, seq_x_mark, seq_y_mark)`` as in TSLib (and the cycle
+    phase as a fifth item when ``cycle_len`` is set).
 
     seq_x: (seq_len, C) look-back; seq_y: (label_len + pred_len, C) decoder window whose last ``pred_len``
     steps are the targets; ``*_mark``: calendar features of the same steps. All float32 numpy arrays.
@@ -377,8 +378,8 @@ def data_provider(args, flag: str) -> tuple[TimeSeriesDataset, DataLoader]:
     """TSLib's ``data_provider(args, flag)``: the split's dataset and loader.
 
     Reads ``root_path, data_path, data, seq_len, label_len, pred_len, features, target, freq, batch_size,
-    num_workers`` and optionally ``cycle_len`` from ``args``. Only the train loader shuffles and drops its last partial batch (as TSLib;
-    it keeps batch statistics steady); val and test keep every window.
+    num_workers`` and optionally ``cycle_len`` from ``args``. Only the train loader shuffles and drops its
+    last partial batch (as TSLib; it keeps batch statistics steady); val and test keep every window.
     """
     dataset = TimeSeriesDataset(
         root_path=args.root_path,
