@@ -229,7 +229,7 @@ class EMambaTS(nn.Module):
                 raise ValueError(
                     f"cycle_index must be a ({batch},) integer tensor, got {tuple(cycle_index.shape)} {cycle_index.dtype}"
                 )
-            cycle_index = cycle_index.to(x.device) % self.cycle_len
+            cycle_index = cycle_index.to(x.device)  # _cycle takes every phase modulo cycle_len
         stats = None
         if self.revin is not None:
             x, stats = self.revin.normalize(x)
