@@ -98,12 +98,12 @@ def test_short_etth1_run_beats_naive_on_validation(tmp_path, capsys):
     assert all(Path(p).stat().st_size > 0 for p in row["plots"])
 
 
-@pytest.mark.parametrize("cycle_len", [0, 24])
-def test_custom_csv_ms_and_reload(tmp_path, capsys, cycle_len):
+@pytest.mark.parametrize("cycle_len, linear_skip", [(0, 0), (24, 0), (0, 1)])
+def test_custom_csv_ms_and_reload(tmp_path, capsys, cycle_len, linear_skip):
     write_custom_csv(tmp_path / "OTHER.csv")
     common = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--features", "MS",
               "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--train_epochs", "2", *TINY,
-              "--cycle_len", str(cycle_len),
+              "--cycle_len", str(cycle_len), "--linear_skip", str(linear_skip),
               "--checkpoints", str(tmp_path / "ckpt"), "--results_file", str(tmp_path / "results.csv")]
     assert forecast.main(common) == 0
     first = _last_json(capsys)
@@ -113,9 +113,10 @@ def test_custom_csv_ms_and_reload(tmp_path, capsys, cycle_len):
     assert again["mse"] == pytest.approx(first["mse"], rel=1e-6)
     table = pd.read_csv(tmp_path / "results.csv")
     assert len(table) == 2 and set(table["c_out"]) == {1} and set(table["enc_in"]) == {3}
-    assert set(table["cycle_len"]) == {cycle_len}
+    assert set(table["cycle_len"]) == {cycle_len} and set(table["linear_skip"]) == {linear_skip}
     saved = torch.load(next((tmp_path / "ckpt").rglob("*.pth")), weights_only=False)["model"]
     assert ("model.cycle" in saved) == bool(cycle_len)  # the learned cycle is saved with the weights
+    assert ("model.skip.weight" in saved) == bool(linear_skip)
 
 
 def test_bad_inputs(tmp_path, capsys):

@@ -149,3 +149,30 @@ def test_tslib_model_passes_the_cycle_index():
     assert model(x, None, None, None, cycle_index=torch.tensor([0, 1])).shape == (2, 24, 7)
     with pytest.raises(ValueError, match="needs cycle_index"):
         model(x, None, None, None)
+
+
+def test_linear_skip_adds_a_linear_forecast_of_the_normalised_look_back():
+    """RevIN on: y = denorm(inner(x_n) + W x_n + b) with x_n the normalised window, W shared by variates."""
+    seq_len, pred_len, enc_in = 32, 8, 3
+    model = EMambaTS(seq_len, pred_len, enc_in, linear_skip=True, **TINY).eval()
+    assert not model.skip.weight.any() and not model.skip.bias.any()  # starts as the plain model
+    plain = EMambaTS(seq_len, pred_len, enc_in, **TINY).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("skip.")})
+    x = torch.randn(4, seq_len, enc_in) * 3 + 1
+    torch.testing.assert_close(model(x), plain(x))
+    with torch.no_grad():
+        model.skip.weight.normal_(std=0.1)
+        model.skip.bias.normal_()
+    x_n, stats = model.revin.normalize(x)
+    linear = torch.einsum("bsc,ps->bpc", x_n, model.skip.weight) + model.skip.bias[:, None]
+    # RevIN's inverse is affine, so the skip adds denorm(linear) - denorm(0) to the plain model's forecast.
+    offset = model.revin.denormalize(torch.zeros_like(linear), stats)
+    torch.testing.assert_close(model(x) - plain(x), model.revin.denormalize(linear, stats) - offset)
+
+
+def test_linear_skip_is_trained_and_reaches_the_tslib_model():
+    model = EMambaTS(96, 24, 7, linear_skip=True, **TINY)
+    model(torch.randn(2, 96, 7)).pow(2).mean().backward()
+    assert model.skip.weight.grad.abs().sum() > 0 and model.skip.bias.grad.abs().sum() > 0
+    tslib = Model(SimpleNamespace(seq_len=96, pred_len=24, enc_in=7, linear_skip=1, d_model=8, d_ff=16, d_state=4))
+    assert tslib.model.skip.weight.shape == (24, 96)

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: off; else learn a recurring cycle of this many steps per variate, subtracted from "
                         "the input and added to the forecast (CycleNet's residual cycle; 24 = daily for hourly "
                         "data, 96 = daily for 15-minute data; phase = row index in the file modulo cycle_len)")
+    g.add_argument("--linear_skip", type=_bool_int, default=0,
+                   help="add a linear look-back -> horizon map (RLinear, shared by the variates, starting at "
+                        "zero) to the forecast, so the blocks learn the residual")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_epochs", type=_positive_int, default=10)
@@ -543,7 +546,7 @@ _ROW_ARGS = (
     "model_id", "model", "data", "data_path", "features", "target", "seq_len", "label_len", "pred_len",
     "enc_in", "c_out", "tokenization", "patch_len", "stride", "d_model", "e_layers", "d_ff", "d_state", "d_conv",
     "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "cycle_len",
-    "batch_size",
+    "linear_skip", "batch_size",
     "learning_rate", "lradj", "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "des",
 )
 

@@ -130,6 +130,9 @@ class EMambaTS(nn.Module):
             window's last value instead of its mean (see :class:`RevIN`).
         cycle_len: length of the learned recurring cycle in steps (0: off). ``forward`` then needs
             ``cycle_index``, the phase of each window's first step.
+        linear_skip: add a linear map from the (normalised) look-back to the horizon, shared by the
+            variates, to the head's forecast: RLinear (Li et al., 2023) as a residual path, so the blocks
+            learn what a linear forecaster misses. It starts at zero, i.e. from the plain model.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class EMambaTS(nn.Module):
         revin_affine: bool = True,
         subtract_last: bool = False,
         cycle_len: int = 0,
+        linear_skip: bool = False,
     ) -> None:
         super().__init__()
         c_out = enc_in if c_out is None else c_out
@@ -197,6 +201,10 @@ class EMambaTS(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head_drop = nn.Dropout(head_dropout)
         self.head = nn.Linear(head_in, pred_len)
+        self.skip = nn.Linear(seq_len, pred_len) if linear_skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
 
     def _tokens(self, x: Tensor) -> Tensor:
         """(B, L, C) -> (B * C, num_patches, d_model) or (B, C, d_model)."""
@@ -241,7 +249,10 @@ class EMambaTS(nn.Module):
         h = self.norm(h)
         if self.tokenization == "patch":
             h = h.reshape(batch, self.enc_in, -1)  # (B, C, N * d_model)
-        y = self.head(self.head_drop(h)).transpose(1, 2)  # (B, pred_len, C)
+        y = self.head(self.head_drop(h))  # (B, C, pred_len)
+        if self.skip is not None:
+            y = y + self.skip(x.transpose(1, 2))
+        y = y.transpose(1, 2)  # (B, pred_len, C)
         if self.cycle is not None:
             y = y + self._cycle(cycle_index + self.seq_len, self.pred_len)
         if stats is not None:
@@ -268,13 +279,14 @@ _CONFIG_KEYS: dict[str, tuple[str, Any]] = {
     "revin_affine": ("affine", True),
     "subtract_last": ("subtract_last", False),
     "cycle_len": ("cycle_len", 0),
+    "linear_skip": ("linear_skip", False),
 }
 
 
 def model_kwargs_from_configs(configs: Any) -> dict[str, Any]:
     """EMambaTS keyword arguments from a TSLib-style namespace (absent attributes take the defaults)."""
     kwargs = {key: getattr(configs, attr, default) for key, (attr, default) in _CONFIG_KEYS.items()}
-    for switch in ("bidirectional", "revin", "revin_affine", "subtract_last"):
+    for switch in ("bidirectional", "revin", "revin_affine", "subtract_last", "linear_skip"):
         kwargs[switch] = bool(kwargs[switch])
     return dict(seq_len=configs.seq_len, pred_len=configs.pred_len, enc_in=configs.enc_in, **kwargs)
 
@@ -284,7 +296,7 @@ class Model(nn.Module):
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
     e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
-    subtract_last, cycle_len`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's
+    subtract_last, cycle_len, linear_skip`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's
     arguments). EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for the
     interface and not used. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
     CycleNet's fork of TSLib adds it the same way). Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
