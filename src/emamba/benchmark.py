@@ -78,14 +78,16 @@ def _scan_kernel(backend: str) -> Optional[str]:
 
 def _projection_gemm(args: argparse.Namespace, backend: str) -> Optional[str]:
     """The GEMM engine of the Mamba projections in this run, "onednn" or "blas" (emamba.ops.projection); it
-    sets their speed on AMD CPUs. oneDNN is only ever taken in fp32 eager inference with a fused backend."""
+    sets their speed on AMD CPUs. The run's options decide the run-level half of the rule; the smallest
+    projections keep BLAS in any case (the per-call half)."""
     if args.device != "cpu":
         return None
-    from emamba.ops import cpu_gemm
-    from emamba.ops.selective_scan import PURE_PYTORCH_BACKENDS
+    from emamba.ops.projection import onednn_allowed
 
-    may_take_onednn = args.bench == "infer" and args.amp is None and not args.compile
-    return cpu_gemm() if may_take_onednn and backend not in PURE_PYTORCH_BACKENDS else "blas"
+    allowed = onednn_allowed(
+        backend, needs_grad=args.bench == "train", autocast=args.amp is not None, traced=args.compile
+    )
+    return "onednn" if allowed else "blas"
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:

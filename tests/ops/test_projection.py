@@ -82,6 +82,21 @@ def test_onednn_only_where_allowed():
         assert projection.projection_path(weight, x) == "bmm"
 
 
+@needs_onednn
+@pytest.mark.parametrize("blocker", ["reference", "needs_grad", "autocast", "traced"])
+def test_run_level_rule_blocks_onednn(blocker):
+    """Each run-level condition alone keeps oneDNN off (``emamba benchmark`` reports the rule from it)."""
+    set_cpu_gemm("onednn")
+    flags = dict(needs_grad=False, autocast=False, traced=False)
+    assert projection.onednn_allowed("cpu", **flags)
+    backend = "reference" if blocker == "reference" else "cpu"
+    if blocker in flags:
+        flags[blocker] = True
+    assert not projection.onednn_allowed(backend, **flags)
+    set_cpu_gemm("blas")
+    assert not projection.onednn_allowed("cpu", needs_grad=False, autocast=False, traced=False)
+
+
 @pytest.mark.parametrize(
     "vendor,usable,capability,isa_cap,threads,expected",
     [

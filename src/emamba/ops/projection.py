@@ -104,23 +104,46 @@ def _onednn_usable() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_allowed(backend: str, *, needs_grad: bool, autocast: bool, traced: bool) -> bool:
+    """The run-level half of the oneDNN rule: a fused scan backend, no gradient to compute, no autocast, no
+    tracing / compilation / export, and :func:`cpu_gemm` choosing oneDNN. :func:`projection_path` adds the
+    per-call half (fp32 CPU tensors of a large enough shape); ``emamba benchmark`` reports this half for
+    its run from its options."""
+    return (
+        backend not in PURE_PYTORCH_BACKENDS
+        and not needs_grad
+        and not autocast
+        and not traced
+        and cpu_gemm() == "onednn"
+    )
+
+
+def _traced() -> bool:
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
 def projection_path(weight: Tensor, x: Tensor, backend: str = "auto") -> str:
     """Which GEMM :func:`channels_first_linear` takes: ``"fold"`` (L == 1), ``"onednn"`` or ``"bmm"``."""
     if x.shape[-1] == 1:
         return "fold"
     out_features, in_features = weight.shape
     if (
-        backend not in PURE_PYTORCH_BACKENDS
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and in_features >= ONEDNN_MIN_INNER
         and out_features * in_features * x.shape[-1] >= ONEDNN_MIN_FLOPS_PER_IMAGE
-        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
-        and cpu_gemm() == "onednn"
-        and not torch.onnx.is_in_onnx_export()
+        and onednn_allowed(
+            backend,
+            needs_grad=torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad),
+            autocast=torch.is_autocast_enabled("cpu"),
+            traced=_traced(),
+        )
     ):
         return "onednn"
     return "bmm"
