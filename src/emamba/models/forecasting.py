@@ -201,8 +201,9 @@ class EMambaTS(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head_drop = nn.Dropout(head_dropout)
         self.head = nn.Linear(head_in, pred_len)
-        self.skip = nn.Linear(seq_len, pred_len) if linear_skip else None
-        if self.skip is not None:
+        self.skip = None
+        if linear_skip:  # zeros, like the cycle: training starts from the plain model
+            self.skip = nn.Linear(seq_len, pred_len)
             nn.init.zeros_(self.skip.weight)
             nn.init.zeros_(self.skip.bias)
 
@@ -285,9 +286,11 @@ _CONFIG_KEYS: dict[str, tuple[str, Any]] = {
 
 def model_kwargs_from_configs(configs: Any) -> dict[str, Any]:
     """EMambaTS keyword arguments from a TSLib-style namespace (absent attributes take the defaults)."""
-    kwargs = {key: getattr(configs, attr, default) for key, (attr, default) in _CONFIG_KEYS.items()}
-    for switch in ("bidirectional", "revin", "revin_affine", "subtract_last", "linear_skip"):
-        kwargs[switch] = bool(kwargs[switch])
+    kwargs = {}
+    for key, (attr, default) in _CONFIG_KEYS.items():
+        value = getattr(configs, attr, default)
+        # switches come as 0/1 from TSLib's argparse; the keys with a bool default are the switches
+        kwargs[key] = bool(value) if isinstance(default, bool) else value
     return dict(seq_len=configs.seq_len, pred_len=configs.pred_len, enc_in=configs.enc_in, **kwargs)
 
 
@@ -296,8 +299,8 @@ class Model(nn.Module):
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
     e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
-    subtract_last, cycle_len, linear_skip`` from ``configs`` (``affine`` is RevIN's learnable affine, as in PatchTST's
-    arguments). EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for the
+    subtract_last, cycle_len, linear_skip`` from ``configs`` (``affine`` is RevIN's learnable affine, as in
+    PatchTST's arguments). EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for the
     interface and not used. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
     CycleNet's fork of TSLib adds it the same way). Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
     """
