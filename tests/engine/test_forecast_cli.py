@@ -44,7 +44,8 @@ def test_parse_defaults_and_tslib_names():
     assert (args.affine, args.subtract_last) == (0, 1)
     for bad in (["--data", "custom"], ["--features", "X"], ["--revin", "maybe"], ["--label_len", "200"],
                 ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
-                ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"]):
+                ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"], ["--freq_loss_weight", "1.5"],
+                ["--freq_loss_weight", "-0.1"]):
         with pytest.raises(SystemExit):
             forecast.parse_args(bad)
 
@@ -159,6 +160,45 @@ def test_loss_option_sets_the_training_loss_only(tmp_path, monkeypatch, loss, re
     assert row["loss"] == loss and np.isfinite(row["best_val_loss"])
 
 
+def test_frequency_loss_is_the_mean_absolute_spectrum_difference():
+    """FreDF's term against an explicit DFT over the horizon (dim 1), and its mix with the --loss."""
+    torch.manual_seed(0)
+    pred, true = torch.randn(3, 10, 2, dtype=torch.float64), torch.randn(3, 10, 2, dtype=torch.float64)
+    steps = np.arange(10)
+    dft = np.exp(-2j * np.pi * np.outer(np.arange(6), steps) / 10)  # the 6 = 10 // 2 + 1 one-sided frequencies
+    spectrum = np.einsum("kt,btc->bkc", dft, (pred - true).numpy())
+    expected = np.abs(spectrum).mean()
+    assert forecast.frequency_loss(pred, true).item() == pytest.approx(expected, rel=1e-12)
+    mse = torch.nn.functional.mse_loss(pred, true).item()
+    assert forecast.criterion(pred, true).item() == pytest.approx(mse, rel=1e-12)
+    assert forecast.criterion(pred, true, "MSE", 1.0).item() == pytest.approx(expected, rel=1e-12)
+    assert forecast.criterion(pred, true, "MSE", 0.25).item() == pytest.approx(0.75 * mse + 0.25 * expected, rel=1e-12)
+    mae = torch.nn.functional.l1_loss(pred, true).item()
+    assert forecast.criterion(pred, true, "MAE", 0.5).item() == pytest.approx(0.5 * mae + 0.5 * expected, rel=1e-12)
+    # A forecast that is right up to a constant offset is penalised at frequency 0 only.
+    assert forecast.frequency_loss(true + 1.0, true).item() == pytest.approx(10 / 6, rel=1e-12)
+
+
+def test_freq_loss_weight_reaches_training_and_the_results_row(tmp_path, monkeypatch):
+    """--freq_loss_weight is passed to every training loss call and recorded; validation stays MSE."""
+    assert forecast.parse_args([]).freq_loss_weight == 0.0
+    seen = []
+    real = forecast.criterion
+
+    def spy(pred, true, loss="MSE", freq_weight=0.0):
+        seen.append((loss, freq_weight))
+        return real(pred, true, loss, freq_weight)
+
+    monkeypatch.setattr(forecast, "criterion", spy)
+    write_custom_csv(tmp_path / "OTHER.csv")
+    assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv",
+                          "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--batch_size", "64",
+                          "--train_epochs", "1", "--freq_loss_weight", "0.8", *TINY, *_out(tmp_path)]) == 0
+    assert seen == [("MSE", 0.8)] * 6  # one call per training batch
+    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert row["freq_loss_weight"] == 0.8 and np.isfinite(row["best_val_loss"])
+
+
 def test_weight_average_warm_up():
     """--ema_decay's average copies the weights at step 1, then decays by min(ema_decay, 1 - k^(-2/3))."""
     args = forecast.parse_args(["--ema_decay", "0.9"])
@@ -225,9 +265,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
     real = forecast.criterion
     calls = {"n": 0}
 
-    def flaky(pred, true, kind="MSE"):
+    def flaky(pred, true, *options):
         calls["n"] += 1
-        loss = real(pred, true, kind)
+        loss = real(pred, true, *options)
         return loss * float("nan") if calls["n"] > 8 else loss
 
     monkeypatch.setattr(forecast, "criterion", flaky)
