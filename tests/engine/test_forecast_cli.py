@@ -45,7 +45,7 @@ def test_parse_defaults_and_tslib_names():
     for bad in (["--data", "custom"], ["--features", "X"], ["--revin", "maybe"], ["--label_len", "200"],
                 ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
                 ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"], ["--freq_loss_weight", "1.5"],
-                ["--freq_loss_weight", "-0.1"]):
+                ["--freq_loss_weight", "-0.1"], ["--aug_method", "jitter"], ["--aug_rate", "2"]):
         with pytest.raises(SystemExit):
             forecast.parse_args(bad)
 
@@ -197,6 +197,27 @@ def test_freq_loss_weight_reaches_training_and_the_results_row(tmp_path, monkeyp
     assert seen == [("MSE", 0.8)] * 6  # one call per training batch
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
     assert row["freq_loss_weight"] == 0.8 and np.isfinite(row["best_val_loss"])
+
+
+@pytest.mark.parametrize("method", ["freq_mask", "freq_mix"])
+def test_aug_method_doubles_training_batches_only(tmp_path, monkeypatch, method):
+    """--aug_method trains on each batch plus its augmented copy; validation and test see the data as is."""
+    sizes = []
+    real = forecast.criterion
+
+    def spy(pred, true, *options):
+        sizes.append(pred.shape[0])
+        return real(pred, true, *options)
+
+    monkeypatch.setattr(forecast, "criterion", spy)
+    write_custom_csv(tmp_path / "OTHER.csv")
+    assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv",
+                          "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--batch_size", "64",
+                          "--train_epochs", "1", "--aug_method", method, "--aug_rate", "0.3", *TINY,
+                          *_out(tmp_path)]) == 0
+    assert len(sizes) == 6 and sizes[0] == 128 and all(size % 2 == 0 for size in sizes)
+    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert (row["aug_method"], row["aug_rate"]) == (method, 0.3) and row["test_windows"] > 0
 
 
 def test_weight_average_warm_up():

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from ..data.augment import AUG_METHODS, augment_batch
 from ..data.time_series import DATASETS, FEATURES, TimeSeriesDataset, data_provider
 from ..models.forecasting import TOKENIZATIONS, Model
 
@@ -85,6 +86,7 @@ def _unit_interval(what: str, closed: bool = False):
 _probability = _unit_interval("a dropout rate")
 _ema_decay = _unit_interval("an EMA decay (0 turns it off)")
 _loss_weight = _unit_interval("a loss weight", closed=True)
+_aug_rate = _unit_interval("an augmentation rate", closed=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freq_loss_weight", type=_loss_weight, default=0.0,
                    help="FreDF: train on (1 - w) x the --loss + w x the mean absolute difference of the "
                         "forecast's and the truth's Fourier spectra over the horizon (0: off, 1: spectrum only)")
+    g.add_argument("--aug_method", default="none", choices=AUG_METHODS,
+                   help="FrAug: append to every training batch a copy of its windows (look-back and horizon as "
+                        "one series) with Fourier coefficients masked (freq_mask) or swapped between windows "
+                        "(freq_mix)")
+    g.add_argument("--aug_rate", type=_aug_rate, default=0.5,
+                   help="probability that --aug_method changes a coefficient (the mean is never changed)")
 
     g = p.add_argument_group("output")
     g.add_argument("--checkpoints", default="./checkpoints/", help="folder for checkpoints and plots")
@@ -476,6 +484,7 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
         bar = _progress(loaders["train"], desc=f"epoch {epoch}/{args.train_epochs}")
         try:
             for batch in bar:
+                batch = augment_batch(batch, args.pred_len, args.aug_method, args.aug_rate)
                 target = batch[1][:, -args.pred_len :, f_dim:].float().to(device)
                 out = forward_batch(model, batch, device)
                 loss = criterion(out[:, -args.pred_len :, f_dim:], target, args.loss, args.freq_loss_weight)
@@ -568,7 +577,7 @@ _ROW_ARGS = (
     "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "cycle_len",
     "linear_skip", "batch_size",
     "learning_rate", "lradj", "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "freq_loss_weight",
-    "des",
+    "aug_method", "aug_rate", "des",
 )
 
 
