@@ -32,7 +32,7 @@ def test_full_mask_leaves_each_series_mean(length):
 
 
 def test_full_mix_takes_every_cycle_from_one_partner_window():
-    """At rate 1 a window keeps its own mean and takes all its cycles from one other window, variate by variate."""
+    """At rate 1 a window keeps its own mean and takes all its cycles from one partner window, variate by variate."""
     series = _series(batch=6)
     out = frequency_augment(series, "freq_mix", 1.0, torch.Generator().manual_seed(3))
     own_mean = series.mean(dim=1, keepdim=True)

@@ -8,7 +8,9 @@ the original windows are still seen every step.
 * ``freq_mask``: each Fourier coefficient of each (window, variate) series is zeroed with probability
   ``rate``; the series loses those cycles, in the look-back and the horizon alike.
 * ``freq_mix``: each coefficient is replaced, with probability ``rate``, by the same coefficient of another
-  window of the batch (same variate), so that windows exchange cycles.
+  window of the batch (same variate), so that windows exchange cycles. Partners follow a uniformly random
+  permutation of the batch, so about one window in B is its own partner and stays as it was (the sweep rows
+  in docs/forecasting.md were made this way).
 
 The zero frequency (each series' mean) is never touched: RevIN removes the level anyway, and masking it would
 only shift windows up or down.
