@@ -22,6 +22,20 @@ def _out(tmp_path: Path) -> list[str]:
     return ["--checkpoints", str(tmp_path / "ckpt"), "--results_file", str(tmp_path / "results.jsonl")]
 
 
+def _last_row(tmp_path: Path) -> dict:
+    """The last row that a run with ``_out(tmp_path)`` appended to its results file."""
+    return json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+
+
+def _short_custom_run(tmp_path: Path, *options: str) -> list[str]:
+    """Arguments of a one-epoch run on a fresh custom CSV: 6 training batches of 64 windows per epoch.
+    ``options`` come last, so they override (e.g. ``--train_epochs 3``)."""
+    write_custom_csv(tmp_path / "OTHER.csv")
+    return ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--seq_len", "48",
+            "--label_len", "24", "--pred_len", "24", "--batch_size", "64", "--train_epochs", "1", *TINY,
+            *_out(tmp_path), *options]
+
+
 def _last_json(capsys) -> dict:
     lines = capsys.readouterr().out.strip().splitlines()
     return json.loads(lines[-1])
@@ -91,7 +105,7 @@ def test_short_etth1_run_beats_naive_on_validation(tmp_path, capsys):
     assert rc == 0
     summary = _last_json(capsys)
     assert {"mse", "mae", "rmse", "mape", "mspe", "naive_mse"} <= set(summary)
-    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    row = _last_row(tmp_path)
     assert row["test_windows"] == 2857  # 2880 test rows + 96 look-back - 96 - 24 + 1: nothing dropped
     assert row["best_val_loss"] < row["naive_val_mse"]
     assert summary["mse"] < summary["naive_mse"]
@@ -151,12 +165,9 @@ def test_loss_option_sets_the_training_loss_only(tmp_path, monkeypatch, loss, re
         return value
 
     monkeypatch.setitem(forecast.LOSSES, loss, spy)
-    write_custom_csv(tmp_path / "OTHER.csv")
-    assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv",
-                          "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--batch_size", "64",
-                          "--train_epochs", "1", "--loss", loss, *TINY, *_out(tmp_path)]) == 0
+    assert forecast.main(_short_custom_run(tmp_path, "--loss", loss)) == 0
     assert len(seen) == 6  # one call per training batch: validation and test never use the training loss
-    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    row = _last_row(tmp_path)
     assert row["loss"] == loss and np.isfinite(row["best_val_loss"])
 
 
@@ -190,12 +201,9 @@ def test_freq_loss_weight_reaches_training_and_the_results_row(tmp_path, monkeyp
         return real(pred, true, loss, freq_weight)
 
     monkeypatch.setattr(forecast, "criterion", spy)
-    write_custom_csv(tmp_path / "OTHER.csv")
-    assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv",
-                          "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--batch_size", "64",
-                          "--train_epochs", "1", "--freq_loss_weight", "0.8", *TINY, *_out(tmp_path)]) == 0
+    assert forecast.main(_short_custom_run(tmp_path, "--freq_loss_weight", "0.8")) == 0
     assert seen == [("MSE", 0.8)] * 6  # one call per training batch
-    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    row = _last_row(tmp_path)
     assert row["freq_loss_weight"] == 0.8 and np.isfinite(row["best_val_loss"])
 
 
@@ -210,13 +218,9 @@ def test_aug_method_doubles_training_batches_only(tmp_path, monkeypatch, method)
         return real(pred, true, *options)
 
     monkeypatch.setattr(forecast, "criterion", spy)
-    write_custom_csv(tmp_path / "OTHER.csv")
-    assert forecast.main(["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv",
-                          "--seq_len", "48", "--label_len", "24", "--pred_len", "24", "--batch_size", "64",
-                          "--train_epochs", "1", "--aug_method", method, "--aug_rate", "0.3", *TINY,
-                          *_out(tmp_path)]) == 0
+    assert forecast.main(_short_custom_run(tmp_path, "--aug_method", method, "--aug_rate", "0.3")) == 0
     assert len(sizes) == 6 and sizes[0] == 128 and all(size % 2 == 0 for size in sizes)
-    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    row = _last_row(tmp_path)
     assert (row["aug_method"], row["aug_rate"]) == (method, 0.3) and row["test_windows"] > 0
 
 
@@ -263,15 +267,12 @@ def test_ema_run_validates_saves_and_tests_the_average(tmp_path, capsys, monkeyp
         return ema
 
     monkeypatch.setattr(forecast, "weight_average", spy)
-    write_custom_csv(tmp_path / "OTHER.csv")
-    common = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--seq_len", "48",
-              "--label_len", "24", "--pred_len", "24", "--batch_size", "64", "--train_epochs", "1",
-              "--ema_decay", "0.99", *TINY, *_out(tmp_path)]
+    common = _short_custom_run(tmp_path, "--ema_decay", "0.99")
     assert forecast.main(common) == 0
     first = _last_json(capsys)
     (ema, steps, raw), = made
     assert steps == list(range(1, 7))  # 6 training batches
-    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    row = _last_row(tmp_path)
     assert row["ema_decay"] == 0.99 and row["best_epoch"] == 1
     saved = torch.load(row["checkpoint"], weights_only=False)["model"]
     for name, value in ema.module.state_dict().items():
@@ -282,7 +283,6 @@ def test_ema_run_validates_saves_and_tests_the_average(tmp_path, capsys, monkeyp
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    write_custom_csv(tmp_path / "OTHER.csv")
     real = forecast.criterion
     calls = {"n": 0}
 
@@ -292,9 +292,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
         return loss * float("nan") if calls["n"] > 8 else loss
 
     monkeypatch.setattr(forecast, "criterion", flaky)
-    args = ["--data", "custom", "--root_path", str(tmp_path), "--data_path", "OTHER.csv", "--seq_len", "48",
-            "--label_len", "24", "--pred_len", "24", "--batch_size", "64", "--train_epochs", "3", *TINY,
-            *_out(tmp_path)]
+    args = _short_custom_run(tmp_path, "--train_epochs", "3")
     assert forecast.main(args) == 1  # 6 batches per epoch: epoch 1 is fine, epoch 2 hits NaN
     captured = capsys.readouterr()
     assert "stopping" in captured.err and "checkpoint" in captured.err
