@@ -59,7 +59,8 @@ def test_parse_defaults_and_tslib_names():
     for bad in (["--data", "custom"], ["--features", "X"], ["--revin", "maybe"], ["--label_len", "200"],
                 ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
                 ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"], ["--freq_loss_weight", "1.5"],
-                ["--freq_loss_weight", "-0.1"], ["--aug_method", "jitter"], ["--aug_rate", "2"]):
+                ["--freq_loss_weight", "-0.1"], ["--aug_method", "jitter"], ["--aug_rate", "2"],
+                ["--horizon_decay", "-0.5"], ["--horizon_decay", "nan"]):
         with pytest.raises(SystemExit):
             forecast.parse_args(bad)
 
@@ -196,15 +197,33 @@ def test_freq_loss_weight_reaches_training_and_the_results_row(tmp_path, monkeyp
     seen = []
     real = forecast.criterion
 
-    def spy(pred, true, loss="MSE", freq_weight=0.0):
-        seen.append((loss, freq_weight))
-        return real(pred, true, loss, freq_weight)
+    def spy(pred, true, loss="MSE", freq_weight=0.0, horizon_decay=0.0):
+        seen.append((loss, freq_weight, horizon_decay))
+        return real(pred, true, loss, freq_weight, horizon_decay)
 
     monkeypatch.setattr(forecast, "criterion", spy)
-    assert forecast.main(_short_custom_run(tmp_path, "--freq_loss_weight", "0.8")) == 0
-    assert seen == [("MSE", 0.8)] * 6  # one call per training batch
+    assert forecast.main(_short_custom_run(tmp_path, "--freq_loss_weight", "0.8", "--horizon_decay", "0.5")) == 0
+    assert seen == [("MSE", 0.8, 0.5)] * 6  # one call per training batch
     row = _last_row(tmp_path)
-    assert row["freq_loss_weight"] == 0.8 and np.isfinite(row["best_val_loss"])
+    assert row["freq_loss_weight"] == 0.8 and row["horizon_decay"] == 0.5 and np.isfinite(row["best_val_loss"])
+
+
+@pytest.mark.parametrize("loss", ["MSE", "MAE", "Huber"])
+def test_horizon_decay_weighs_step_t_by_t_to_the_minus_decay(loss):
+    """CARD's signal-decay loss: step t's elementwise loss times t^-a / mean(t^-a); 0 is the plain loss."""
+    torch.manual_seed(0)
+    pred, true = torch.randn(3, 8, 2, dtype=torch.float64), 2 * torch.randn(3, 8, 2, dtype=torch.float64)
+    weights = np.arange(1, 9) ** -0.5
+    weights /= weights.mean()
+    elementwise = forecast.LOSSES[loss](pred, true, reduction="none").numpy()
+    expected = (elementwise * weights[None, :, None]).mean()
+    assert forecast.criterion(pred, true, loss, 0.0, 0.5).item() == pytest.approx(expected, rel=1e-12)
+    assert forecast.criterion(pred, true, loss, 0.0, 0.0).item() == forecast.LOSSES[loss](pred, true).item()
+    assert forecast.horizon_weights(8, 0.5).mean().item() == pytest.approx(1.0, rel=1e-12)
+    # The step weights fall with t, and only the time-domain term is weighed.
+    assert (forecast.horizon_weights(8, 0.5).diff(dim=1) < 0).all()
+    spectrum = forecast.frequency_loss(pred, true).item()
+    assert forecast.criterion(pred, true, loss, 0.5, 0.5).item() == pytest.approx(0.5 * expected + 0.5 * spectrum, rel=1e-12)
 
 
 @pytest.mark.parametrize("method", ["freq_mask", "freq_mix"])

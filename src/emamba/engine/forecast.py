@@ -69,6 +69,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
 def _unit_interval(what: str, closed: bool = False):
     """argparse type: a float in [0, 1) (``closed``: [0, 1]); the error names ``what``."""
     interval = "[0, 1]" if closed else "[0, 1)"
@@ -169,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freq_loss_weight", type=_loss_weight, default=0.0,
                    help="FreDF: train on (1 - w) x the --loss + w x the mean absolute difference of the "
                         "forecast's and the truth's Fourier spectra over the horizon (0: off, 1: spectrum only)")
+    g.add_argument("--horizon_decay", type=_non_negative_float, default=0.0,
+                   help="CARD's signal-decay loss: weigh the --loss at horizon step t by t^(-a), normalised to "
+                        "mean 1 (0: every step alike; CARD uses 0.5), so the far, noisier steps pull less")
     g.add_argument("--aug_method", default="none", choices=AUG_METHODS,
                    help="FrAug: append to every training batch a copy of its windows (look-back and horizon as "
                         "one series) with Fourier coefficients masked (freq_mask) or swapped between windows "
@@ -434,10 +444,28 @@ def frequency_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return (torch.fft.rfft(pred, dim=1) - torch.fft.rfft(true, dim=1)).abs().mean()
 
 
-def criterion(pred: torch.Tensor, true: torch.Tensor, loss: str = "MSE", freq_weight: float = 0.0) -> torch.Tensor:
-    """Training loss chosen by ``--loss`` (TSLib default: MSE), mixed with ``--freq_loss_weight`` x
+def horizon_weights(pred_len: int, decay: float) -> torch.Tensor:
+    """CARD's signal-decay weights (Wang et al., ICLR 2024) t^(-decay) for horizon steps t = 1..pred_len,
+    shaped (1, pred_len, 1) and normalised to mean 1 so that the loss keeps its scale next to the learning
+    rate, the weight decay and the ``--freq_loss_weight`` mix.
+
+    Why: the error of step t of a forecast grows with t (its variance grows roughly linearly for a random
+    walk), so an unweighted loss is dominated by the far steps, whose errors are mostly unpredictable noise.
+    """
+    weights = torch.arange(1, pred_len + 1, dtype=torch.float64).pow(-decay)
+    return (weights / weights.mean()).view(1, pred_len, 1)
+
+
+def criterion(pred: torch.Tensor, true: torch.Tensor, loss: str = "MSE", freq_weight: float = 0.0,
+              horizon_decay: float = 0.0) -> torch.Tensor:
+    """Training loss chosen by ``--loss`` (TSLib default: MSE) over (B, pred_len, C) forecasts, its steps
+    weighed by :func:`horizon_weights` if ``horizon_decay``, mixed with ``--freq_loss_weight`` x
     :func:`frequency_loss`. Module-level so that tests can replace it."""
-    value = LOSSES[loss](pred, true)
+    if horizon_decay:
+        weights = horizon_weights(pred.shape[1], horizon_decay).to(pred.device, pred.dtype)
+        value = (LOSSES[loss](pred, true, reduction="none") * weights).mean()
+    else:  # the plain reduction, so that runs without the option reproduce bit for bit
+        value = LOSSES[loss](pred, true)
     if freq_weight:
         value = (1.0 - freq_weight) * value + freq_weight * frequency_loss(pred, true)
     return value
@@ -487,7 +515,8 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
                 batch = augment_batch(batch, args.pred_len, args.aug_method, args.aug_rate)
                 target = batch[1][:, -args.pred_len :, f_dim:].float().to(device)
                 out = forward_batch(model, batch, device)
-                loss = criterion(out[:, -args.pred_len :, f_dim:], target, args.loss, args.freq_loss_weight)
+                loss = criterion(out[:, -args.pred_len :, f_dim:], target, args.loss, args.freq_loss_weight,
+                                 args.horizon_decay)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"training loss is {loss.item()} at epoch {epoch}, batch {count + 1}")
                 optimizer.zero_grad(set_to_none=True)
@@ -577,7 +606,7 @@ _ROW_ARGS = (
     "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "cycle_len",
     "linear_skip", "batch_size",
     "learning_rate", "lradj", "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "freq_loss_weight",
-    "aug_method", "aug_rate", "des",
+    "horizon_decay", "aug_method", "aug_rate", "des",
 )
 
 
