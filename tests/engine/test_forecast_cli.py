@@ -344,3 +344,13 @@ def test_load_results_reads_json_lines_and_names_bad_files(tmp_path):
     (tmp_path / "r.csv").write_text("des,mse\ntable,1\n")
     with pytest.raises(ValueError, match="r.csv: CSV results"):
         forecast.load_results([tmp_path / "r.csv"])
+
+
+def test_time_tokens_train_on_the_loader_calendar_features(tmp_path, capsys):
+    """--time_tokens 1 feeds x_mark to the variate model (recorded in the row); with patches it is refused."""
+    assert forecast.parse_args([]).time_tokens == 0
+    assert forecast.main(_short_custom_run(tmp_path, "--tokenization", "variate", "--time_tokens", "1")) == 0
+    row = _last_row(tmp_path)
+    assert row["time_tokens"] == 1 and row["tokenization"] == "variate" and np.isfinite(row["mse"])
+    assert forecast.main(_short_custom_run(tmp_path, "--time_tokens", "1")) == 1
+    assert "time_tokens needs tokenization='variate'" in capsys.readouterr().err

@@ -176,3 +176,43 @@ def test_linear_skip_is_trained_and_reaches_the_tslib_model():
     assert model.skip.weight.grad.abs().sum() > 0 and model.skip.bias.grad.abs().sum() > 0
     tslib = Model(SimpleNamespace(seq_len=96, pred_len=24, enc_in=7, linear_skip=1, d_model=8, d_ff=16, d_state=4))
     assert tslib.model.skip.weight.shape == (24, 96)
+
+
+def test_time_tokens_go_in_front_so_a_forward_scan_sees_them():
+    """Calendar tokens are placed before the variates: the first block's forward Mamba scan then carries
+    them into the variate tokens, and the calendar tokens do not see the series (placed after, the reverse).
+    No parameters are added, and RevIN's scale equivariance still holds because the calendar features are
+    not normalised with the series."""
+    model = EMambaTS(32, 8, 3, tokenization="variate", time_tokens=True, **TINY).eval()
+    plain = EMambaTS(32, 8, 3, tokenization="variate", **TINY).eval()
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    x, mark = torch.randn(2, 32, 3), torch.rand(2, 32, 4) - 0.5
+    scans = []
+    model.blocks[0].token_mixer.register_forward_hook(lambda module, args, output: scans.append(output))
+    out = model(x, x_mark=mark)
+    model(x + torch.randn_like(x), x_mark=mark)
+    model(x, x_mark=mark.flip(1))
+    assert scans[0].shape == (2, 4 + 3, 8)  # 4 calendar tokens, then 3 variates
+    torch.testing.assert_close(scans[1][:, :4], scans[0][:, :4])  # the calendar tokens never see the series
+    assert ((scans[2][:, 4:] - scans[0][:, 4:]).abs().amax(dim=-1) > 1e-6).all()  # every variate sees them
+    assert out.shape == (2, 8, 3)
+    changed = (out - model(x, x_mark=mark.flip(1))).abs().amax(dim=1)  # (B, C): every variate moves
+    assert (changed > 1e-6).all()
+    torch.testing.assert_close(model(x * 10 + 3, x_mark=mark), out * 10 + 3, rtol=1e-3, atol=1e-3)
+
+
+def test_time_tokens_bad_inputs_and_the_tslib_model():
+    with pytest.raises(ValueError, match="time_tokens needs tokenization='variate'"):
+        EMambaTS(96, 24, 7, time_tokens=True, **TINY)
+    model = EMambaTS(96, 24, 7, tokenization="variate", time_tokens=True, **TINY)
+    with pytest.raises(ValueError, match="needs x_mark"):
+        model(torch.randn(2, 96, 7))
+    with pytest.raises(ValueError, match="needs x_mark"):
+        model(torch.randn(2, 96, 7), x_mark=torch.randn(2, 48, 4))
+    configs = SimpleNamespace(seq_len=96, pred_len=24, enc_in=7, tokenization="variate", time_tokens=1,
+                              d_model=8, d_ff=16, d_state=4)
+    tslib = Model(configs).eval()
+    x, mark = torch.randn(2, 96, 7), torch.rand(2, 96, 4) - 0.5
+    torch.testing.assert_close(tslib(x, mark, None, None), tslib.model(x, x_mark=mark))
+    plain = Model(SimpleNamespace(**{**vars(configs), "time_tokens": 0})).eval()
+    torch.testing.assert_close(plain(x, mark, None, None), plain(x, None, None, None))  # marks unused without it

@@ -10,7 +10,8 @@ no forecasting code or configuration. This design follows what works on the ETT 
   overlapping patches of ``patch_len`` steps (``stride`` apart, the end padded by ``stride`` repeats of the
   last value), every patch is linearly embedded, and Mamba scans the patch sequence of one variate;
   ``"variate"`` (iTransformer-style): one token per variate, its whole look-back embedded, and Mamba scans
-  across the variates, so variables interact.
+  across the variates, so variables interact. With ``time_tokens`` the look-back's calendar features (hour,
+  weekday, ...) become extra tokens in front of the variates (iTransformer's use of ``x_mark``).
 * A stack of ``e_layers`` EMamba blocks: x + Dropout(Mamba(LN x)), then x + Dropout(EinFFT(LN x)).
 * A final LayerNorm and a linear head to ``pred_len`` steps per variate.
 * Optionally (``cycle_len`` > 0) a **learned recurring cycle** per variate (the residual cycle forecasting of
@@ -133,6 +134,10 @@ class EMambaTS(nn.Module):
         linear_skip: add a linear map from the (normalised) look-back to the horizon, shared by the
             variates, to the head's forecast: RLinear (Li et al., 2023) as a residual path, so the blocks
             learn what a linear forecaster misses. It starts at zero, i.e. from the plain model.
+        time_tokens: (``variate`` only) embed each calendar feature of the look-back (``x_mark``, TSLib's
+            time features) as one more token, with the variates' embedding, *in front of* the variates: Mamba
+            scans forwards, so tokens placed after the variates would reach them only through EinFFT's
+            mixing. The forecast is read from the variate tokens only. ``forward`` then needs ``x_mark``.
     """
 
     def __init__(
@@ -158,6 +163,7 @@ class EMambaTS(nn.Module):
         subtract_last: bool = False,
         cycle_len: int = 0,
         linear_skip: bool = False,
+        time_tokens: bool = False,
     ) -> None:
         super().__init__()
         c_out = enc_in if c_out is None else c_out
@@ -174,6 +180,9 @@ class EMambaTS(nn.Module):
             raise ValueError(f"d_model={d_model} must be divisible by einfft_blocks={einfft_blocks} (EinFFT)")
         self.seq_len, self.pred_len, self.enc_in, self.c_out = seq_len, pred_len, enc_in, c_out
         self.tokenization = tokenization
+        if time_tokens and tokenization != "variate":
+            raise ValueError("time_tokens needs tokenization='variate' (calendar features become variate-like tokens)")
+        self.time_tokens = time_tokens
 
         self.revin = RevIN(enc_in, affine=revin_affine, subtract_last=subtract_last) if revin else None
         self.cycle_len = cycle_len
@@ -222,12 +231,17 @@ class EMambaTS(nn.Module):
         steps = torch.arange(length, device=start.device)
         return self.cycle[(start.unsqueeze(1) + steps) % self.cycle_len]
 
-    def forward(self, x: Tensor, cycle_index: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, cycle_index: Optional[Tensor] = None, x_mark: Optional[Tensor] = None) -> Tensor:
         """(B, seq_len, enc_in) -> (B, pred_len, c_out); ``cycle_index`` (B,) integer phase of each window's
-        first step, required when ``cycle_len`` > 0 and ignored otherwise."""
+        first step, required when ``cycle_len`` > 0; ``x_mark`` (B, seq_len, time features), required with
+        ``time_tokens``; each is ignored otherwise."""
         if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.enc_in:
             raise ValueError(f"EMambaTS expects (batch, {self.seq_len}, {self.enc_in}), got {tuple(x.shape)}")
         batch = x.shape[0]
+        if self.time_tokens and (x_mark is None or x_mark.dim() != 3 or x_mark.shape[:2] != (batch, self.seq_len)):
+            got = None if x_mark is None else tuple(x_mark.shape)
+            raise ValueError(f"this EMambaTS embeds calendar tokens and needs x_mark of shape ({batch}, "
+                             f"{self.seq_len}, time features), got {got}")
         if self.cycle is not None:
             if cycle_index is None:
                 raise ValueError(
@@ -244,10 +258,15 @@ class EMambaTS(nn.Module):
             x, stats = self.revin.normalize(x)
         if self.cycle is not None:
             x = x - self._cycle(cycle_index, self.seq_len)
-        h = self.embed_drop(self._tokens(x))
+        h = self._tokens(x)
+        if self.time_tokens:
+            h = torch.cat([self.embed(x_mark.to(x.dtype).transpose(1, 2)), h], dim=1)
+        h = self.embed_drop(h)
         for block in self.blocks:
             h = block(h)
         h = self.norm(h)
+        if self.time_tokens:
+            h = h[:, -self.enc_in :]  # the variate tokens
         if self.tokenization == "patch":
             h = h.reshape(batch, self.enc_in, -1)  # (B, C, N * d_model)
         y = self.head(self.head_drop(h))  # (B, C, pred_len)
@@ -281,6 +300,7 @@ _CONFIG_KEYS: dict[str, tuple[str, Any]] = {
     "subtract_last": ("subtract_last", False),
     "cycle_len": ("cycle_len", 0),
     "linear_skip": ("linear_skip", False),
+    "time_tokens": ("time_tokens", False),
 }
 
 
@@ -299,9 +319,9 @@ class Model(nn.Module):
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
     e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
-    subtract_last, cycle_len, linear_skip`` from ``configs`` (``affine`` is RevIN's learnable affine, as in
-    PatchTST's arguments). EMamba-TS is encoder-only: the calendar features and the decoder input are accepted for the
-    interface and not used. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
+    subtract_last, cycle_len, linear_skip, time_tokens`` from ``configs`` (``affine`` is RevIN's learnable affine, as in
+    PatchTST's arguments). EMamba-TS is encoder-only: the decoder input and its calendar features are accepted for
+    the interface and not used; ``x_mark_enc`` is used only with ``time_tokens``. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
     CycleNet's fork of TSLib adds it the same way). Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
     """
 
@@ -322,4 +342,4 @@ class Model(nn.Module):
         mask: Optional[Tensor] = None,
         cycle_index: Optional[Tensor] = None,
     ) -> Tensor:
-        return self.model(x_enc, cycle_index)
+        return self.model(x_enc, cycle_index, x_mark_enc if self.model.time_tokens else None)
