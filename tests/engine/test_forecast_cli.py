@@ -60,7 +60,7 @@ def test_parse_defaults_and_tslib_names():
                 ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
                 ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"], ["--freq_loss_weight", "1.5"],
                 ["--freq_loss_weight", "-0.1"], ["--aug_method", "jitter"], ["--aug_rate", "2"],
-                ["--horizon_decay", "-0.5"], ["--horizon_decay", "nan"]):
+                ["--horizon_decay", "-0.5"], ["--horizon_decay", "nan"], ["--decomp_kernel", "-1"]):
         with pytest.raises(SystemExit):
             forecast.parse_args(bad)
 
@@ -354,3 +354,12 @@ def test_time_tokens_train_on_the_loader_calendar_features(tmp_path, capsys):
     assert row["time_tokens"] == 1 and row["tokenization"] == "variate" and np.isfinite(row["mse"])
     assert forecast.main(_short_custom_run(tmp_path, "--time_tokens", "1")) == 1
     assert "time_tokens needs tokenization='variate'" in capsys.readouterr().err
+
+
+def test_decomp_kernel_reaches_the_model_and_the_results_row(tmp_path, capsys):
+    assert forecast.parse_args([]).decomp_kernel == 0
+    assert forecast.main(_short_custom_run(tmp_path, "--decomp_kernel", "25", "--linear_skip", "1")) == 0
+    row = _last_row(tmp_path)
+    assert row["decomp_kernel"] == 25 and np.isfinite(row["mse"])
+    assert forecast.main(_short_custom_run(tmp_path, "--decomp_kernel", "24")) == 1
+    assert "decomp_kernel must be 0 (off) or an odd window" in capsys.readouterr().err

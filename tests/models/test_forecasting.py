@@ -216,3 +216,42 @@ def test_time_tokens_bad_inputs_and_the_tslib_model():
     torch.testing.assert_close(tslib(x, mark, None, None), tslib.model(x, x_mark=mark))
     plain = Model(SimpleNamespace(**{**vars(configs), "time_tokens": 0})).eval()
     torch.testing.assert_close(plain(x, mark, None, None), plain(x, None, None, None))  # marks unused without it
+
+
+def test_decomposition_trend_is_a_centred_moving_average_with_repeated_ends():
+    model = EMambaTS(32, 8, 2, decomp_kernel=5, **TINY)
+    x = torch.randn(3, 32, 2, dtype=torch.float64)
+    seasonal, trend = model.decompose(x)
+    padded = torch.cat([x[:, :1].expand(-1, 2, -1), x, x[:, -1:].expand(-1, 2, -1)], dim=1)
+    expected = torch.stack([padded[:, t : t + 5].mean(dim=1) for t in range(32)], dim=1)
+    torch.testing.assert_close(trend, expected)
+    torch.testing.assert_close(seasonal + trend, x)
+    line = torch.arange(32, dtype=torch.float64).view(1, 32, 1).expand(1, 32, 2)
+    torch.testing.assert_close(model.decompose(line)[1][:, 2:-2], line[:, 2:-2])  # a line is all trend inside
+
+
+def test_decomposition_feeds_the_seasonal_part_to_the_blocks_and_the_trend_to_a_linear_map():
+    """RevIN off: y = inner(x - trend) + W trend + b, W starting as DLinear's 1 / seq_len."""
+    seq_len, pred_len, enc_in = 32, 8, 3
+    model = EMambaTS(seq_len, pred_len, enc_in, revin=False, decomp_kernel=7, **TINY).eval()
+    assert torch.equal(model.trend_head.weight, torch.full((pred_len, seq_len), 1 / seq_len))
+    plain = EMambaTS(seq_len, pred_len, enc_in, revin=False, **TINY).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("trend_head.")})
+    with torch.no_grad():
+        model.trend_head.weight.normal_(std=0.1)
+        model.trend_head.bias.normal_()
+    x = torch.randn(4, seq_len, enc_in)
+    seasonal, trend = model.decompose(x)
+    linear = torch.einsum("bsc,ps->bpc", trend, model.trend_head.weight) + model.trend_head.bias[:, None]
+    torch.testing.assert_close(model(x), plain(seasonal) + linear)
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert model.trend_head.weight.grad.abs().sum() > 0
+    tslib = Model(SimpleNamespace(seq_len=96, pred_len=24, enc_in=7, decomp_kernel=25, d_model=8, d_ff=16, d_state=4))
+    assert tslib.model.decomp_kernel == 25 and tslib.model.trend_head.weight.shape == (24, 96)
+
+
+@pytest.mark.parametrize("kernel", [-1, 4, 33])
+def test_decomposition_bad_kernels(kernel):
+    with pytest.raises(ValueError, match="decomp_kernel must be 0"):
+        EMambaTS(32, 8, 3, decomp_kernel=kernel, **TINY)

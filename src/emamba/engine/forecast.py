@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--linear_skip", type=_bool_int, default=0,
                    help="add a linear look-back -> horizon map (RLinear, shared by the variates, starting at "
                         "zero) to the forecast, so the blocks learn the residual")
+    g.add_argument("--decomp_kernel", type=_non_negative_int, default=0,
+                   help="0: off; else an odd moving-average window: its trend of the look-back is extrapolated "
+                        "by a linear map, the blocks see the rest (Autoformer / DLinear decomposition; DLinear: 25)")
     g.add_argument("--time_tokens", type=_bool_int, default=0,
                    help="variate tokenization only: the look-back's calendar features (--freq's time features) "
                         "become extra tokens in front of the variates (iTransformer)")
@@ -607,7 +610,7 @@ _ROW_ARGS = (
     "model_id", "model", "data", "data_path", "features", "target", "seq_len", "label_len", "pred_len",
     "enc_in", "c_out", "tokenization", "patch_len", "stride", "d_model", "e_layers", "d_ff", "d_state", "d_conv",
     "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "cycle_len",
-    "linear_skip", "time_tokens", "batch_size",
+    "linear_skip", "time_tokens", "decomp_kernel", "batch_size",
     "learning_rate", "lradj", "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "freq_loss_weight",
     "horizon_decay", "aug_method", "aug_rate", "des",
 )

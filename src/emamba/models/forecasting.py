@@ -21,6 +21,10 @@ no forecasting code or configuration. This design follows what works on the ETT 
   pattern does not explain. The phase comes from the data (the window's absolute row index modulo
   ``cycle_len``, see ``TimeSeriesDataset(cycle_len=...)``), passed as ``cycle_index``.
 
+* Optionally (``decomp_kernel`` > 0) a **series decomposition** (Autoformer / DLinear): a centred moving
+  average of the normalised look-back is its trend, which a linear map extrapolates to the horizon; the
+  blocks see only the rest (the seasonal part), so they need not model a slow drift from 96 steps.
+
 ``Model(configs)`` wraps it with Time-Series-Library's four-tensor forward so that EMamba-TS drops into that
 library (``models/EMamba.py: from emamba.models.forecasting import Model``).
 """
@@ -134,6 +138,8 @@ class EMambaTS(nn.Module):
         linear_skip: add a linear map from the (normalised) look-back to the horizon, shared by the
             variates, to the head's forecast: RLinear (Li et al., 2023) as a residual path, so the blocks
             learn what a linear forecaster misses. It starts at zero, i.e. from the plain model.
+        decomp_kernel: moving-average window of the series decomposition (0: off; odd, DLinear uses 25). The
+            trend's linear map starts as DLinear's (every weight 1 / seq_len: the trend's mean, held).
         time_tokens: (``variate`` only) embed each calendar feature of the look-back (``x_mark``, TSLib's
             time features) as one more token, with the variates' embedding, *in front of* the variates: Mamba
             scans forwards, so tokens placed after the variates would reach them only through EinFFT's
@@ -164,6 +170,7 @@ class EMambaTS(nn.Module):
         cycle_len: int = 0,
         linear_skip: bool = False,
         time_tokens: bool = False,
+        decomp_kernel: int = 0,
     ) -> None:
         super().__init__()
         c_out = enc_in if c_out is None else c_out
@@ -183,6 +190,9 @@ class EMambaTS(nn.Module):
         if time_tokens and tokenization != "variate":
             raise ValueError("time_tokens needs tokenization='variate' (calendar features become variate-like tokens)")
         self.time_tokens = time_tokens
+        if decomp_kernel < 0 or (decomp_kernel and (decomp_kernel % 2 == 0 or decomp_kernel > seq_len)):
+            raise ValueError(f"decomp_kernel must be 0 (off) or an odd window <= seq_len={seq_len}, got {decomp_kernel}")
+        self.decomp_kernel = decomp_kernel
 
         self.revin = RevIN(enc_in, affine=revin_affine, subtract_last=subtract_last) if revin else None
         self.cycle_len = cycle_len
@@ -215,6 +225,11 @@ class EMambaTS(nn.Module):
             self.skip = nn.Linear(seq_len, pred_len)
             nn.init.zeros_(self.skip.weight)
             nn.init.zeros_(self.skip.bias)
+        self.trend_head = None
+        if decomp_kernel:
+            self.trend_head = nn.Linear(seq_len, pred_len)
+            nn.init.constant_(self.trend_head.weight, 1.0 / seq_len)
+            nn.init.zeros_(self.trend_head.bias)
 
     def _tokens(self, x: Tensor) -> Tensor:
         """(B, L, C) -> (B * C, num_patches, d_model) or (B, C, d_model)."""
@@ -225,6 +240,14 @@ class EMambaTS(nn.Module):
         patches = x.unfold(-1, self.patch_len, self.stride)  # (B, C, N, P)
         tokens = self.embed(patches) + self.pos_embed.unsqueeze(0)
         return tokens.flatten(0, 1)
+
+    def decompose(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L, C) -> (seasonal, trend): the trend is the centred moving average of ``decomp_kernel`` steps,
+        the ends padded with repeats of the first and last value (Autoformer's ``series_decomp``)."""
+        half = self.decomp_kernel // 2
+        padded = F.pad(x.transpose(1, 2), (half, half), mode="replicate")
+        trend = F.avg_pool1d(padded, self.decomp_kernel, stride=1).transpose(1, 2)
+        return x - trend, trend
 
     def _cycle(self, start: Tensor, length: int) -> Tensor:
         """The learned cycle over ``length`` steps from phase ``start`` (B,): (B, length, enc_in)."""
@@ -258,7 +281,10 @@ class EMambaTS(nn.Module):
             x, stats = self.revin.normalize(x)
         if self.cycle is not None:
             x = x - self._cycle(cycle_index, self.seq_len)
-        h = self._tokens(x)
+        seasonal, trend = x, None
+        if self.trend_head is not None:
+            seasonal, trend = self.decompose(x)
+        h = self._tokens(seasonal)
         if self.time_tokens:
             h = torch.cat([self.embed(x_mark.to(x.dtype).transpose(1, 2)), h], dim=1)
         h = self.embed_drop(h)
@@ -272,6 +298,8 @@ class EMambaTS(nn.Module):
         y = self.head(self.head_drop(h))  # (B, C, pred_len)
         if self.skip is not None:
             y = y + self.skip(x.transpose(1, 2))
+        if trend is not None:
+            y = y + self.trend_head(trend.transpose(1, 2))
         y = y.transpose(1, 2)  # (B, pred_len, C)
         if self.cycle is not None:
             y = y + self._cycle(cycle_index + self.seq_len, self.pred_len)
@@ -301,6 +329,7 @@ _CONFIG_KEYS: dict[str, tuple[str, Any]] = {
     "cycle_len": ("cycle_len", 0),
     "linear_skip": ("linear_skip", False),
     "time_tokens": ("time_tokens", False),
+    "decomp_kernel": ("decomp_kernel", 0),
 }
 
 
@@ -319,7 +348,7 @@ class Model(nn.Module):
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
     e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
-    subtract_last, cycle_len, linear_skip, time_tokens`` from ``configs`` (``affine`` is RevIN's learnable affine, as in
+    subtract_last, cycle_len, linear_skip, time_tokens, decomp_kernel`` from ``configs`` (``affine`` is RevIN's learnable affine, as in
     PatchTST's arguments). EMamba-TS is encoder-only: the decoder input and its calendar features are accepted for
     the interface and not used; ``x_mark_enc`` is used only with ``time_tokens``. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
     CycleNet's fork of TSLib adds it the same way). Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
