@@ -7,7 +7,9 @@
 #
 # Environment: DATA_DIR (ETT-small folder, default ../shared/data/ETT-small), DATASETS, HORIZONS, SEEDS,
 # JOBS (parallel runs), RESULTS (JSONL file), LOG_DIR, CKPT_DIR, EXTRA (more `emamba forecast` options).
-# A run whose log already ends with its JSON summary is skipped, so the script resumes after interruption.
+# A run whose log already ends with its JSON summary is skipped, and a run killed mid-training continues from
+# its last finished epoch (`--resume`, same result as an uninterrupted run; its log is appended to), so the
+# script resumes after interruption.
 # Where configs/forecast/DATA_HORIZON.yaml exists (settings chosen on validation), it is passed as --config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,7 @@ for data in $DATASETS; do
       commands+=("$EMAMBA forecast $config --task_name long_term_forecast --is_training 1 --model EMamba \
 --data $data --root_path $DATA_DIR --data_path $data.csv --features M --seq_len 96 --label_len 48 \
 --pred_len $pred_len --seed $seed --des table --num_threads $OMP_NUM_THREADS --checkpoints $CKPT_DIR \
---results_file $RESULTS $EXTRA > $log 2>&1 || echo \"FAILED: $log\" >&2")
+--results_file $RESULTS --resume $EXTRA >> $log 2>&1 || echo \"FAILED: $log\" >&2")
     done
   done
 done

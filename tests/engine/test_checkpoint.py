@@ -37,8 +37,14 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
     atomic_save({"x": torch.arange(1000)}, good)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:200])
-    for bad in (truncated, tmp_path / "missing.pth"):
+    text, noise = tmp_path / "text.pth", tmp_path / "noise.pth"
+    text.write_bytes(b"not a checkpoint")  # torch.load: "Unsupported operand" (read as a pickle of objects)
+    noise.write_bytes(bytes(range(256)) * 2)  # torch.load: a bare IndexError
+    for bad in (truncated, tmp_path / "missing.pth", text, noise):
         with pytest.raises(CheckpointError, match=str(bad)):
+            load_checkpoint(bad)
+    for bad in (text, noise):  # not mistaken for a file of pickled objects
+        with pytest.raises(CheckpointError, match="is corrupt or truncated"):
             load_checkpoint(bad)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not safetensors")

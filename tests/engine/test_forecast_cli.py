@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -110,8 +111,12 @@ def test_short_etth1_run_beats_naive_on_validation(tmp_path, capsys):
     assert row["test_windows"] == 2857  # 2880 test rows + 96 look-back - 96 - 24 + 1: nothing dropped
     assert row["best_val_loss"] < row["naive_val_mse"]
     assert summary["mse"] < summary["naive_mse"]
-    assert Path(row["checkpoint"]).is_file() and len(row["plots"]) == 2
-    assert all(Path(p).stat().st_size > 0 for p in row["plots"])
+    assert Path(row["checkpoint"]).is_file() and len(row["plots"]) == 2 + 1  # 2 windows + the learning curve
+    assert all(Path(p).stat().st_size > 0 for p in row["plots"]) and row["plots"][-1].endswith("learning_curve.png")
+    with open(row["epoch_log"]) as fh:
+        log = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in log] == [1] and float(log[0]["val_mse"]) == pytest.approx(row["best_val_loss"])
+    assert not Path(row["checkpoint"]).with_name("last.pth").exists()  # training over: no state left to resume
 
 
 @pytest.mark.parametrize("cycle_len, linear_skip", [(0, 0), (24, 0), (0, 1)])
@@ -323,11 +328,75 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
     assert "no finite validation loss" in capsys.readouterr().err
 
 
-def test_checkpoint_write_is_atomic(tmp_path):
-    target = tmp_path / "run" / "checkpoint.pth"
-    forecast.save_checkpoint_atomic({"a": 1}, target)
-    forecast.save_checkpoint_atomic({"a": 2}, target)
-    assert [p.name for p in target.parent.iterdir()] == ["checkpoint.pth"]
+class _Killed(Exception):
+    """Stands for the process being killed (not caught by the CLI, like KeyboardInterrupt)."""
+
+
+def _kill_at_epoch(monkeypatch, epoch: int) -> None:
+    """Make training die as epoch ``epoch`` starts, i.e. after epoch - 1 finished and saved its state."""
+    real = forecast.adjust_learning_rate
+
+    def adjust(optimizer, e, args):
+        if e == epoch:
+            raise _Killed
+        return real(optimizer, e, args)
+
+    monkeypatch.setattr(forecast, "adjust_learning_rate", adjust)
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    (folder,) = (tmp_path / "ckpt").iterdir()
+    return folder
+
+
+@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.9", "--dropout", "0.3", "--aug_method", "freq_mix"]])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, extra):
+    """Killed after epoch 2 of 4, then --resume: the same validation history and the same test metrics, bit
+    for bit, as a run never interrupted (the state restores optimizer, weight average and random generators;
+    dropout and augmentation make the generators matter)."""
+    options = ["--train_epochs", "4", "--patience", "10", "--lradj", "type3", *extra]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    assert forecast.main(_short_custom_run(straight, *options)) == 0
+    expected = _last_row(straight)
+
+    with monkeypatch.context() as m:
+        _kill_at_epoch(m, 3)
+        with pytest.raises(_Killed):
+            forecast.main(_short_custom_run(killed, *options))
+    folder = _run_folder(killed)
+    assert (folder / "last.pth").exists()
+    assert [int(r["epoch"]) for r in csv.DictReader(open(folder / "epochs.csv"))] == [1, 2]
+    assert forecast.main(_short_custom_run(killed, *options, "--resume")) == 0
+    row = _last_row(killed)
+    for key in ("mse", "mae", "best_val_loss", "best_epoch", "epochs", "stopped"):
+        assert row[key] == expected[key], key
+    assert not (folder / "last.pth").exists()
+    resumed_log = list(csv.DictReader(open(folder / "epochs.csv")))
+    straight_log = list(csv.DictReader(open(_run_folder(straight) / "epochs.csv")))
+    assert [r["val_mse"] for r in resumed_log] == [r["val_mse"] for r in straight_log]
+    assert len(resumed_log) == 4
+
+
+def test_resume_refuses_other_options_and_bad_state_files(tmp_path, monkeypatch, capsys):
+    options = ["--train_epochs", "3", "--patience", "10"]
+    with monkeypatch.context() as m:
+        _kill_at_epoch(m, 2)
+        with pytest.raises(_Killed):
+            forecast.main(_short_custom_run(tmp_path, *options))
+    state = _run_folder(tmp_path) / "last.pth"
+    assert forecast.main(_short_custom_run(tmp_path, *options, "--learning_rate", "0.01", "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "other options" in err and "learning_rate: 0.001 -> 0.01" in err and state.exists()  # nothing lost
+    state.write_bytes(b"not a checkpoint")
+    assert forecast.main(_short_custom_run(tmp_path, *options, "--resume")) == 1
+    assert f"checkpoint {state} is corrupt" in capsys.readouterr().err
+
+
+def test_resume_without_a_state_trains_from_the_start(tmp_path, capsys):
+    assert forecast.main(_short_custom_run(tmp_path, "--resume")) == 0
+    assert "no interrupted run" in capsys.readouterr().out
+    assert np.isfinite(_last_row(tmp_path)["mse"])
 
 
 def test_load_results_reads_json_lines_and_names_bad_files(tmp_path):

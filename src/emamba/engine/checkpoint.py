@@ -110,6 +110,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", trusted:
             return load_file(str(path), device=str(map_location))
         except Exception as exc:
             raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {exc}") from exc
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated, or not a torch.save file "
+                              "(not a zip archive; files from PyTorch < 1.6 must be re-saved)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=not trusted)
     except __import__("pickle").UnpicklingError as exc:
@@ -120,7 +123,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", trusted:
                 f"({message.splitlines()[0]}). If you trust the file, pass --trust-checkpoint to load it anyway."
             ) from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors")

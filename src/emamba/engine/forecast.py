@@ -6,6 +6,12 @@ metrics MSE / MAE / RMSE / MAPE / MSPE on the scaled data over every test window
 JSON (or CSV) row to ``--results_file``; the last stdout line is a JSON object with the test ``mse`` and
 ``mae`` (mean over ``--itr`` runs) so scripts can parse it.
 
+Per run, ``--checkpoints/<setting>/`` holds ``checkpoint.pth`` (the best weights), ``epochs.csv`` (one row per
+epoch: learning rate, training loss, validation MSE, seconds) and, while training, ``last.pth``: the training
+state after the newest epoch (weights, optimizer, weight average, early-stopping counters, random generator
+states), written atomically and deleted when training ends. A killed run continues from it with
+``--resume``, producing the same result as an uninterrupted run.
+
 Example (bundled ETTh1, committed defaults)::
 
     emamba forecast --data ETTh1 --features M --seq_len 96 --pred_len 96 --seed 2021
@@ -17,10 +23,8 @@ import argparse
 import csv
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -32,6 +36,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..data.augment import AUG_METHODS, augment_batch
+from .checkpoint import atomic_save, atomic_write_bytes, get_rng_state, load_checkpoint, set_rng_state, to_plain
 from ..data.time_series import DATASETS, FEATURES, TimeSeriesDataset, data_provider
 from ..models.forecasting import TOKENIZATIONS, Model
 
@@ -196,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints", default="./checkpoints/", help="folder for checkpoints and plots")
     g.add_argument("--results_file", default="results/forecast/results.jsonl",
                    help="one row appended per run; .csv for CSV, anything else JSON lines")
-    g.add_argument("--plot", action="store_true", help="save forecast-vs-truth PNGs of a few test windows")
+    g.add_argument("--plot", action="store_true",
+                   help="save forecast-vs-truth PNGs of a few test windows and the learning curve")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its <checkpoints>/<setting>/last.pth (same options "
+                        "required); without that file, train from the start")
     g.add_argument("--plot_windows", type=_positive_int, default=4, help="how many test windows --plot draws")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--num_threads", type=_non_negative_int, default=0, help="torch CPU threads (0: torch default)")
@@ -308,23 +317,6 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args: arg
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
-
-
-def save_checkpoint_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash never leaves a
-    half-written checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def append_result(row: dict[str, Any], path: Path) -> None:
@@ -496,12 +488,51 @@ def weight_average(model: nn.Module, args) -> Optional[nn.Module]:
     return ModelEmaV3(model, decay=args.ema_decay, use_warmup=True)
 
 
-def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_path: Path) -> dict[str, Any]:
+EPOCH_LOG_FIELDS = ("epoch", "lr", "train_loss", "val_mse", "best_val_mse", "seconds")
+
+
+def _run_identity(args) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: every option of its results row (the seed is
+    part of the run's folder name)."""
+    return to_plain({name: getattr(args, name) for name in _ROW_ARGS})
+
+
+def _load_resume_state(path: Path, args) -> dict[str, Any]:
+    state = load_checkpoint(path)  # CheckpointError (a RuntimeError) names a missing / corrupt file
+    saved = state.get("identity")
+    if not isinstance(saved, dict) or "optimizer" not in state:
+        raise ValueError(f"{path} is not an emamba forecast training state; delete it to train from the start")
+    current = _run_identity(args)
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+        raise ValueError(f"--resume: {path} was written by a run with other options ({changes}); "
+                         "rerun with the same options, or delete it to train from the start")
+    return state
+
+
+def write_epoch_log(history: list[dict[str, Any]], path: Path) -> None:
+    """``epochs.csv``: the whole history, rewritten atomically each epoch (a resumed run keeps the earlier rows)."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EPOCH_LOG_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(buf.getvalue().encode(), path)
+
+
+def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_path: Path,
+          resume: bool = False) -> dict[str, Any]:
     """Train with early stopping on the validation MSE; the best weights are saved to ``ckpt_path``.
 
     With ``--ema_decay`` the weight average is what is validated and saved (the raw weights only train).
-    Returns a dict with best_val_loss, best_epoch, epochs, sec_per_epoch and, if the loss stopped being
-    finite, ``stopped='nan_loss'`` (training ends there; the last good checkpoint is kept).
+    After every epoch the full training state goes to ``last.pth`` beside ``ckpt_path`` (and the history to
+    ``epochs.csv``); ``resume`` continues from that state, restoring the random generators too, so the
+    remaining epochs draw the same shuffles and dropout masks as an uninterrupted run. ``last.pth`` is
+    deleted once training ends.
+    Returns a dict with best_val_loss, best_epoch, epochs, sec_per_epoch, history and, if the loss stopped
+    being finite, ``stopped='nan_loss'`` (training ends there; the last good checkpoint is kept).
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     ema = weight_average(model, args)
@@ -509,8 +540,24 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
     f_dim = _f_dim(args)
     step = 0
     best, best_epoch, bad_epochs, epoch_times = math.inf, 0, 0, []
+    history: list[dict[str, Any]] = []
     stopped = "max_epochs"
-    for epoch in range(1, args.train_epochs + 1):
+    state_path, log_path = ckpt_path.with_name("last.pth"), ckpt_path.with_name("epochs.csv")
+    first_epoch = 1
+    if resume and state_path.exists():
+        state = _load_resume_state(state_path, args)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        step, best, best_epoch, bad_epochs = state["step"], state["best"], state["best_epoch"], state["bad_epochs"]
+        epoch_times, history = list(state["epoch_times"]), list(state["history"])
+        set_rng_state(state["rng"])
+        first_epoch = state["epoch"] + 1
+        print(f"resuming from {state_path} after epoch {state['epoch']}", flush=True)
+    elif resume:
+        print(f"--resume: no {state_path} (no interrupted run), training from the start", flush=True)
+    for epoch in range(first_epoch, args.train_epochs + 1):
         lr = adjust_learning_rate(optimizer, epoch, args)
         model.train()
         start = time.perf_counter()
@@ -560,19 +607,55 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
         if improved:
             best, best_epoch, bad_epochs = val_loss, epoch, 0
             checkpoint = {"model": evaluated.state_dict(), "args": vars(args), "epoch": epoch, "val_loss": val_loss}
-            save_checkpoint_atomic(checkpoint, ckpt_path)
+            atomic_save(checkpoint, ckpt_path)
         else:
             bad_epochs += 1
-            if bad_epochs >= args.patience:
-                stopped = "early_stopping"
-                break
+        history.append({"epoch": epoch, "lr": lr, "train_loss": total / max(count, 1), "val_mse": val_loss,
+                        "best_val_mse": best, "seconds": epoch_times[-1]})
+        write_epoch_log(history, log_path)
+        if bad_epochs >= args.patience:
+            stopped = "early_stopping"
+            break
+        atomic_save({
+            "identity": _run_identity(args), "epoch": epoch, "step": step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "ema": None if ema is None else ema.module.state_dict(),
+            "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_times": epoch_times,
+            "history": history, "rng": get_rng_state(),
+        }, state_path)
+    state_path.unlink(missing_ok=True)  # training is over: nothing left to resume
     return {
         "best_val_loss": best if best_epoch else None,
         "best_epoch": best_epoch,
         "epochs": len(epoch_times),
         "sec_per_epoch": float(np.mean(epoch_times)) if epoch_times else None,
         "stopped": stopped,
+        "history": history,
     }
+
+
+def plot_learning_curve(history: list[dict[str, Any]], args, out_dir: Path) -> str:
+    """``learning_curve.png``: training loss and validation MSE per epoch, the kept (best) epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label=f"train ({args.loss} training loss)")
+    ax.plot(epochs, [h["val_mse"] for h in history], "o-", label="validation MSE")
+    best = min(history, key=lambda h: h["val_mse"])
+    ax.axvline(best["epoch"], color="grey", ls=":", lw=0.8, label=f"kept: epoch {best['epoch']}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (scaled data)")
+    ax.set_title(f"{args.data} {args.seq_len}->{args.pred_len}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "learning_curve.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 def plot_windows(model_pred: np.ndarray, true: np.ndarray, dataset: TimeSeriesDataset, args, out_dir: Path) -> list[str]:
@@ -647,7 +730,7 @@ def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[st
 
     info: dict[str, Any] = {"stopped": "test_only"}
     if args.is_training:
-        info = train(model, loaders, args, device, ckpt_path)
+        info = train(model, loaders, args, device, ckpt_path, resume=args.resume)
     if args.is_training and not info["best_epoch"]:  # never test a stale checkpoint of an earlier run
         raise RuntimeError("training produced no finite validation loss, so there is no checkpoint to test")
     if not ckpt_path.exists():
@@ -669,8 +752,13 @@ def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[st
         row["best_val_loss"] = state.get("val_loss")
     row.update({"params": params, "run_seconds": time.perf_counter() - run_start, "device": str(device),
                 "checkpoint": str(ckpt_path), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    history = row.pop("history", None)
+    if history:
+        row["epoch_log"] = str(ckpt_path.with_name("epochs.csv"))
     if args.plot:
         row["plots"] = plot_windows(pred, true, datasets["test"], args, ckpt_path.parent / "plots")
+        if history:
+            row["plots"].append(plot_learning_curve(history, args, ckpt_path.parent / "plots"))
     append_result(row, Path(args.results_file))
     return row
 
