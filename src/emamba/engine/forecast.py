@@ -36,9 +36,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..data.augment import AUG_METHODS, augment_batch
-from .checkpoint import atomic_save, atomic_write_bytes, get_rng_state, load_checkpoint, set_rng_state, to_plain
 from ..data.time_series import DATASETS, FEATURES, TimeSeriesDataset, data_provider
 from ..models.forecasting import TOKENIZATIONS, Model
+from .checkpoint import atomic_save, atomic_write_bytes, get_rng_state, load_checkpoint, set_rng_state, to_plain
 
 LRADJ = ("type1", "type3", "cosine", "constant")
 #: Keys of the last stdout line / results row that hold the test metrics.
@@ -203,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one row appended per run; .csv for CSV, anything else JSON lines")
     g.add_argument("--plot", action="store_true",
                    help="save forecast-vs-truth PNGs of a few test windows and the learning curve")
+    g.add_argument("--plot_windows", type=_positive_int, default=4, help="how many test windows --plot draws")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its <checkpoints>/<setting>/last.pth (same options "
                         "required); without that file, train from the start")
-    g.add_argument("--plot_windows", type=_positive_int, default=4, help="how many test windows --plot draws")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--num_threads", type=_non_negative_int, default=0, help="torch CPU threads (0: torch default)")
     return p

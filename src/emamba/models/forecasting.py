@@ -191,7 +191,9 @@ class EMambaTS(nn.Module):
             raise ValueError("time_tokens needs tokenization='variate' (calendar features become variate-like tokens)")
         self.time_tokens = time_tokens
         if decomp_kernel < 0 or (decomp_kernel and (decomp_kernel % 2 == 0 or decomp_kernel > seq_len)):
-            raise ValueError(f"decomp_kernel must be 0 (off) or an odd window <= seq_len={seq_len}, got {decomp_kernel}")
+            raise ValueError(
+                f"decomp_kernel must be 0 (off) or an odd window <= seq_len={seq_len}, got {decomp_kernel}"
+            )
         self.decomp_kernel = decomp_kernel
 
         self.revin = RevIN(enc_in, affine=revin_affine, subtract_last=subtract_last) if revin else None
@@ -348,10 +350,12 @@ class Model(nn.Module):
 
     Reads ``seq_len, pred_len, enc_in`` and optionally ``c_out, tokenization, patch_len, stride, d_model,
     e_layers, d_ff, d_state, d_conv, bidirectional, einfft_blocks, dropout, head_dropout, revin, affine,
-    subtract_last, cycle_len, linear_skip, time_tokens, decomp_kernel`` from ``configs`` (``affine`` is RevIN's learnable affine, as in
-    PatchTST's arguments). EMamba-TS is encoder-only: the decoder input and its calendar features are accepted for
-    the interface and not used; ``x_mark_enc`` is used only with ``time_tokens``. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
-    CycleNet's fork of TSLib adds it the same way). Supports ``task_name`` ``long_term_forecast`` / ``short_term_forecast``.
+    subtract_last, cycle_len, linear_skip, time_tokens, decomp_kernel`` from ``configs`` (``affine`` is RevIN's
+    learnable affine, as in PatchTST's arguments). EMamba-TS is encoder-only: the decoder input and its
+    calendar features are accepted for the interface and not used; ``x_mark_enc`` is used only with
+    ``time_tokens``. With ``cycle_len`` > 0 pass ``cycle_index`` (TSLib's own loaders do not make it;
+    CycleNet's fork of TSLib adds it the same way). Supports ``task_name`` ``long_term_forecast`` /
+    ``short_term_forecast``.
     """
 
     def __init__(self, configs: Any) -> None:
