@@ -51,8 +51,7 @@ def rescore(row: dict, root_path: str | None, batch_sizes: list[int]) -> dict:
     args = forecast.args_from_row(row, root_path)
     _, loader = data_provider(args, "test")
     model = Model(args)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    forecast.load_run_checkpoint(model, ckpt)
     pred, true = forecast.predict(model, loader, args, torch.device("cpu"), desc=f"{row['data']}-{row['pred_len']}")
     full = forecast.metric(pred, true)["mse"]
     out = {"setting": row["setting"], "data": row["data"], "pred_len": row["pred_len"], "seq_len": row["seq_len"],

@@ -433,3 +433,18 @@ def test_decomp_kernel_reaches_the_model_and_the_results_row(tmp_path, capsys):
     assert row["decomp_kernel"] == 25 and np.isfinite(row["mse"])
     assert forecast.main(_short_custom_run(tmp_path, "--decomp_kernel", "24")) == 1
     assert "decomp_kernel must be 0 (off) or an odd window" in capsys.readouterr().err
+
+
+def test_test_only_names_a_mismatched_or_corrupt_checkpoint(tmp_path, capsys):
+    """--is_training 0 reloads the run's checkpoint; options that build another model (not part of the run's
+    folder name, e.g. --linear_skip) or a damaged file give an error naming the file, not a traceback."""
+    assert forecast.main(_short_custom_run(tmp_path)) == 0
+    checkpoint = _run_folder(tmp_path) / "checkpoint.pth"
+    assert forecast.main(_short_custom_run(tmp_path, "--is_training", "0", "--linear_skip", "1")) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint}" in err and "unexpected keys (0)" in err and "model.skip.weight" in err
+    assert forecast.main(_short_custom_run(tmp_path, "--is_training", "0", "--d_conv", "2")) == 1
+    assert "does not fit the EMamba-TS these options build" in capsys.readouterr().err  # same keys, other shapes
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    assert forecast.main(_short_custom_run(tmp_path, "--is_training", "0")) == 1
+    assert f"checkpoint {checkpoint} is corrupt" in capsys.readouterr().err

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 from ..data.augment import AUG_METHODS, augment_batch
 from ..data.time_series import DATASETS, FEATURES, TimeSeriesDataset, data_provider
 from ..models.forecasting import TOKENIZATIONS, Model
-from .checkpoint import atomic_save, atomic_write_bytes, get_rng_state, load_checkpoint, set_rng_state, to_plain
+from .checkpoint import (CheckpointError, atomic_save, atomic_write_bytes, get_rng_state, load_checkpoint, load_exact,
+                         set_rng_state, to_plain)
 
 LRADJ = ("type1", "type3", "cosine", "constant")
 #: Keys of the last stdout line / results row that hold the test metrics.
@@ -713,6 +714,23 @@ def args_from_row(row: dict[str, Any], root_path: Optional[str] = None) -> argpa
     return args
 
 
+def load_run_checkpoint(model: nn.Module, path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a run's ``checkpoint.pth`` into ``model`` and return it (``val_loss``, ``epoch``, ``args``).
+
+    Raises :class:`CheckpointError` naming the file when it is corrupt, or when the options that built
+    ``model`` differ from the run's in a way its folder name does not show (e.g. ``--linear_skip``,
+    ``--d_conv``), listing the missing / unexpected keys or the mismatched shapes.
+    """
+    state = load_checkpoint(path, map_location=device)
+    try:
+        load_exact(model, state["model"], path, "model", "the EMamba-TS these options build")
+    except CheckpointError:
+        raise
+    except RuntimeError as exc:  # shape mismatches raise even without strict
+        raise CheckpointError(f"checkpoint {path} does not fit the EMamba-TS these options build: {exc}") from None
+    return state
+
+
 def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[str, Any]:
     run_start = time.perf_counter()
     seed = args.seed + ii
@@ -735,8 +753,7 @@ def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[st
         raise RuntimeError("training produced no finite validation loss, so there is no checkpoint to test")
     if not ckpt_path.exists():
         raise RuntimeError(f"no checkpoint at {ckpt_path}: train it first (--is_training 1)")
-    state = torch.load(ckpt_path, map_location=device, weights_only=False)
-    model.load_state_dict(state["model"])
+    state = load_run_checkpoint(model, ckpt_path, device)
 
     pred, true = predict(model, loaders["test"], args, device, desc="test")
     row: dict[str, Any] = {"setting": setting, "seed": seed, "itr": ii}
