@@ -445,3 +445,20 @@ def test_entry_point_skips_checkpoints_only_without_grad(monkeypatch):
     y_grad = selective_scan(**dict(args, A=inputs["A"].clone().requires_grad_()))
     assert calls == [False, False, True]
     assert torch.equal(y_plain, y_nograd) and torch.equal(y_plain, y_grad) and y_grad.requires_grad
+
+
+def test_build_name_separates_checkouts_and_flags(tmp_path, monkeypatch):
+    """One cache entry per (flags, source text, source path, interpreter): two checkouts sharing a name made
+    ninja rebuild the kernel whenever the other one had loaded it last."""
+    tag, cflags, ldflags = scan_cpu.build_attempts()[0]
+    name = scan_cpu._build_name(tag, cflags, ldflags)
+    assert name == scan_cpu._build_name(tag, list(cflags), list(ldflags)) and name.startswith(f"emamba_scan_cpu_{tag}_")
+    assert scan_cpu._build_name(tag, cflags + ["-DX"], ldflags) != name
+    copy = tmp_path / "csrc" / "selective_scan_cpu.cpp"
+    copy.parent.mkdir()
+    copy.write_bytes(open(scan_cpu._SOURCE, "rb").read())  # the same text in another checkout
+    monkeypatch.setattr(scan_cpu, "_SOURCE", str(copy))
+    other = scan_cpu._build_name(tag, cflags, ldflags)
+    assert other != name
+    copy.write_bytes(copy.read_bytes() + b"\n// edited\n")
+    assert scan_cpu._build_name(tag, cflags, ldflags) not in (name, other)

@@ -73,12 +73,16 @@ def _cpu_signature() -> str:
 def _build_name(tag: str, cflags: list[str], ldflags: list[str]) -> str:
     # torch's JIT versioner already rebuilds when sources/flags change, but it keeps one build per name;
     # hashing flags, toolchain-relevant versions and the CPU into the name makes each configuration its
-    # own cache entry (no rebuild ping-pong, no stale -march=native binary on a different CPU).
+    # own cache entry (no rebuild ping-pong, no stale -march=native binary on a different CPU). The source's
+    # path and the interpreter (hence torch's include paths) are in the key too: ninja's build file holds
+    # them, so two checkouts or virtual environments sharing one name rebuilt each other's kernel (20-30 s)
+    # every time the other one loaded it.
     with open(_SOURCE, "rb") as fh:
         src = fh.read()
     key = "\n".join([
         " ".join(cflags), " ".join(ldflags), torch.__version__, sys.version, _cpu_signature(),
-        hashlib.sha1(src).hexdigest(),
+        hashlib.sha1(src).hexdigest(), os.path.realpath(_SOURCE), os.path.realpath(sys.executable),
+        os.path.realpath(torch.__file__), os.environ.get("CXX", ""),
     ])
     return f"emamba_scan_cpu_{tag}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
