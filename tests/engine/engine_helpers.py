@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,17 @@ from PIL import Image
 FAST = ["--threads", "1", "--no-progress", "--num_workers", "0"]
 # the smallest EMamba-TS `emamba forecast` trains in a test, on one thread
 FORECAST_TINY = ["--d_model", "8", "--e_layers", "1", "--d_ff", "16", "--d_state", "4", "--num_threads", "1"]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bundled_arrays():

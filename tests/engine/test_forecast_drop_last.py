@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from emamba.engine import forecast
 
-from engine_helpers import FORECAST_TINY as TINY, write_custom_csv
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("forecast_drop_last", ROOT / "scripts" / "forecast_drop_last.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from engine_helpers import FORECAST_TINY as TINY, load_script, write_custom_csv
 
 
 @pytest.mark.parametrize("windows, batch, kept", [(2545, 128, 2432), (2545, 32, 2528), (256, 128, 256), (100, 128, 0)])
 def test_kept_windows_is_whole_batches(windows, batch, kept):
-    assert load_script().kept_windows(windows, batch) == kept
+    assert load_script("forecast_drop_last").kept_windows(windows, batch) == kept
 
 
 def test_rescore_reproduces_the_row_and_drops_the_tail(tmp_path, capsys):
@@ -34,7 +23,7 @@ def test_rescore_reproduces_the_row_and_drops_the_tail(tmp_path, capsys):
                           "--label_len", "24", "--pred_len", "24", "--train_epochs", "1", "--des", "table", *TINY,
                           "--checkpoints", str(tmp_path / "ckpt"), "--results_file", str(results)]) == 0
     row = json.loads(results.read_text().splitlines()[-1])
-    script = load_script()
+    script = load_script("forecast_drop_last")
     out = tmp_path / "drop_last.jsonl"
     assert script.main([str(results), "--root_path", str(tmp_path), "--batch_sizes", "16", "1000",
                         "--out", str(out)]) == 0
@@ -50,7 +39,7 @@ def test_rescore_reproduces_the_row_and_drops_the_tail(tmp_path, capsys):
 
 
 def test_missing_checkpoint_and_files_are_clear_errors(tmp_path, capsys):
-    script = load_script()
+    script = load_script("forecast_drop_last")
     assert script.main([str(tmp_path / "none.jsonl")]) == 1
     assert "results file not found" in capsys.readouterr().err
     row = {"setting": "s", "data": "ETTh1", "data_path": "ETTh1.csv", "pred_len": 96, "seq_len": 96, "features": "M",

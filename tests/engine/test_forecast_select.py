@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("forecast_select", ROOT / "scripts" / "forecast_select.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from engine_helpers import load_script
 
 
 def _row(des, seed, loss, data="ETTh1", pred_len=96, **extra):
@@ -29,7 +19,7 @@ ROWS = [
 
 
 def test_means_relative_changes_and_the_per_seed_rule():
-    select = load_script()
+    select = load_script("forecast_select")
     val = select.validation_losses(ROWS)
     assert val[("ETTh1", 96)]["vs_b"] == {2021: 0.97} and "vs_c" not in val[("ETTh1", 96)]
     text = select.report(val, per_seed=True, only={("ETTh1", 96)})
@@ -45,7 +35,7 @@ def test_means_relative_changes_and_the_per_seed_rule():
 
 
 def test_plain_report_and_seed_filter():
-    select = load_script()
+    select = load_script("forecast_select")
     text = select.report(select.validation_losses(ROWS, seeds=[2022]))
     assert "per seed" not in text and "spread" not in text
     assert "vs_a                     0.9900 [1] (-2.94% vs default on the same seeds)" in text

@@ -169,11 +169,12 @@ def load_exact(model: torch.nn.Module, state_dict: Mapping[str, Any], source: st
 
 
 def load_model_weights(model: torch.nn.Module, state: Mapping[str, Any], source: str | os.PathLike,
-                       use_ema: bool = False) -> None:
+                       use_ema: bool = False, target: Optional[str] = None) -> None:
     """Load the weights of a training state (``model`` or ``model_ema``) or a plain state dict, strictly.
 
     EMamba models first pass them through :func:`emamba.models.checkpoint_filter_fn` (original SiMBA
-    layout); a mismatch raises :class:`CheckpointError` (see :func:`load_exact`).
+    layout); a mismatch raises :class:`CheckpointError` (see :func:`load_exact`) naming ``target`` (default:
+    the model's architecture or class name).
     """
     from ..models import EMamba, checkpoint_filter_fn
 
@@ -183,7 +184,7 @@ def load_model_weights(model: torch.nn.Module, state: Mapping[str, Any], source:
     weights = state[key] if isinstance(state.get(key), dict) else state
     if isinstance(model, EMamba):
         weights = checkpoint_filter_fn(weights, model)
-    name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    name = target or getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
     try:
         load_exact(model, weights, source, key, name)
     except CheckpointError:

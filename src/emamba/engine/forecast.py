@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import random
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader
 from ..data.augment import AUG_METHODS, augment_batch
 from ..data.time_series import DATASETS, FEATURES, TimeSeriesDataset, data_provider
 from ..models.forecasting import TOKENIZATIONS, Model
-from .checkpoint import (CheckpointError, atomic_save, atomic_write_bytes, get_rng_state, load_checkpoint, load_exact,
+from .checkpoint import (atomic_save, atomic_write_bytes, get_rng_state, load_checkpoint, load_model_weights,
                          set_rng_state, to_plain)
 
 LRADJ = ("type1", "type3", "cosine", "constant")
@@ -514,8 +515,6 @@ def _load_resume_state(path: Path, args) -> dict[str, Any]:
 
 def write_epoch_log(history: list[dict[str, Any]], path: Path) -> None:
     """``epochs.csv``: the whole history, rewritten atomically each epoch (a resumed run keeps the earlier rows)."""
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EPOCH_LOG_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -722,12 +721,7 @@ def load_run_checkpoint(model: nn.Module, path: Path, device: torch.device | str
     ``--d_conv``), listing the missing / unexpected keys or the mismatched shapes.
     """
     state = load_checkpoint(path, map_location=device)
-    try:
-        load_exact(model, state["model"], path, "model", "the EMamba-TS these options build")
-    except CheckpointError:
-        raise
-    except RuntimeError as exc:  # shape mismatches raise even without strict
-        raise CheckpointError(f"checkpoint {path} does not fit the EMamba-TS these options build: {exc}") from None
+    load_model_weights(model, state, path, target="the EMamba-TS these options build")
     return state
 
 
@@ -749,6 +743,7 @@ def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[st
     info: dict[str, Any] = {"stopped": "test_only"}
     if args.is_training:
         info = train(model, loaders, args, device, ckpt_path, resume=args.resume)
+    history = info.pop("history", None)  # for epochs.csv and the learning curve, not the results row
     if args.is_training and not info["best_epoch"]:  # never test a stale checkpoint of an earlier run
         raise RuntimeError("training produced no finite validation loss, so there is no checkpoint to test")
     if not ckpt_path.exists():
@@ -769,7 +764,6 @@ def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[st
         row["best_val_loss"] = state.get("val_loss")
     row.update({"params": params, "run_seconds": time.perf_counter() - run_start, "device": str(device),
                 "checkpoint": str(ckpt_path), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    history = row.pop("history", None)
     if history:
         row["epoch_log"] = str(ckpt_path.with_name("epochs.csv"))
     if args.plot:
