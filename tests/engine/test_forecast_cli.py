@@ -61,7 +61,9 @@ def test_parse_defaults_and_tslib_names():
                 ["--pred_len", "0"], ["--dropout", "1.5"], ["--model", "Informer"], ["--no_such_option"],
                 ["--loss", "SMAPE"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"], ["--freq_loss_weight", "1.5"],
                 ["--freq_loss_weight", "-0.1"], ["--aug_method", "jitter"], ["--aug_rate", "2"],
-                ["--horizon_decay", "-0.5"], ["--horizon_decay", "nan"], ["--decomp_kernel", "-1"]):
+                ["--horizon_decay", "-0.5"], ["--horizon_decay", "nan"], ["--decomp_kernel", "-1"],
+                ["--linear_epochs", "5"], ["--linear_epochs", "-1", "--linear_skip", "1"],
+                ["--linear_batch_size", "0"], ["--linear_patience", "0"]):
         with pytest.raises(SystemExit):
             forecast.parse_args(bad)
 
@@ -350,11 +352,17 @@ def _run_folder(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.9", "--dropout", "0.3", "--aug_method", "freq_mix"]])
+# A short first stage (--linear_epochs); 2 epochs, so that _kill_at_epoch(m, 3) hits the second stage,
+# whose schedule calls the same function.
+LINEAR_STAGE = ["--linear_skip", "1", "--linear_epochs", "2", "--linear_batch_size", "64", "--linear_patience", "2"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.9", "--dropout", "0.3", "--aug_method", "freq_mix"],
+                                   LINEAR_STAGE + ["--ema_decay", "0.9"]])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, extra):
     """Killed after epoch 2 of 4, then --resume: the same validation history and the same test metrics, bit
     for bit, as a run never interrupted (the state restores optimizer, weight average and random generators;
-    dropout and augmentation make the generators matter)."""
+    dropout and augmentation make the generators matter; with --linear_epochs the first stage is not rerun)."""
     options = ["--train_epochs", "4", "--patience", "10", "--lradj", "type3", *extra]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
@@ -367,16 +375,24 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch,
             forecast.main(_short_custom_run(killed, *options))
     folder = _run_folder(killed)
     assert (folder / "last.pth").exists()
-    assert [int(r["epoch"]) for r in csv.DictReader(open(folder / "epochs.csv"))] == [1, 2]
-    assert forecast.main(_short_custom_run(killed, *options, "--resume")) == 0
+    first = 0 if "--linear_epochs" in extra else 1  # epoch 0: the linear stage's forecaster
+    assert [int(r["epoch"]) for r in csv.DictReader(open(folder / "epochs.csv"))] == list(range(first, 3))
+    real_stage = forecast.fit_linear_part
+    with monkeypatch.context() as m:
+        m.setattr(forecast, "fit_linear_part", lambda *a: pytest.fail("the linear stage ran again on resume"))
+        assert forecast.main(_short_custom_run(killed, *options, "--resume")) == 0
+    assert forecast.fit_linear_part is real_stage
     row = _last_row(killed)
-    for key in ("mse", "mae", "best_val_loss", "best_epoch", "epochs", "stopped"):
+    keys = ("mse", "mae", "best_val_loss", "best_epoch", "epochs", "stopped")
+    if first == 0:
+        keys += ("linear_val_mse", "linear_best_epoch", "linear_epochs_run", "linear_mse", "linear_mae")
+    for key in keys:
         assert row[key] == expected[key], key
     assert not (folder / "last.pth").exists()
     resumed_log = list(csv.DictReader(open(folder / "epochs.csv")))
     straight_log = list(csv.DictReader(open(_run_folder(straight) / "epochs.csv")))
     assert [r["val_mse"] for r in resumed_log] == [r["val_mse"] for r in straight_log]
-    assert len(resumed_log) == 4
+    assert len(resumed_log) == 5 - first
 
 
 def test_resume_refuses_other_options_and_bad_state_files(tmp_path, monkeypatch, capsys):
@@ -448,3 +464,44 @@ def test_test_only_names_a_mismatched_or_corrupt_checkpoint(tmp_path, capsys):
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     assert forecast.main(_short_custom_run(tmp_path, "--is_training", "0")) == 1
     assert f"checkpoint {checkpoint} is corrupt" in capsys.readouterr().err
+
+
+def test_linear_stage_trains_only_the_linear_part_then_everything_from_it(tmp_path, monkeypatch):
+    """--linear_epochs: stage 1 changes only the linear path / cycle / RevIN affine; stage 2 starts from that
+    forecaster (epoch 0 of epochs.csv, the blocks' head zeroed) and keeps it unless an epoch beats it."""
+    real_stage, seen = forecast.fit_linear_part, {}
+
+    def watched(model, *args):
+        seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        info = real_stage(model, *args)
+        seen["after"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return info
+
+    monkeypatch.setattr(forecast, "fit_linear_part", watched)
+    options = [*LINEAR_STAGE, "--cycle_len", "24", "--train_epochs", "2", "--patience", "5"]
+    assert forecast.main(_short_custom_run(tmp_path, *options)) == 0
+    linear = ("skip.", "cycle", "revin.")
+    for name, before in seen["before"].items():
+        changed = not torch.equal(before, seen["after"][name])
+        assert changed == name.removeprefix("model.").startswith(linear), name
+    row = _last_row(tmp_path)
+    assert 1 <= row["linear_best_epoch"] <= row["linear_epochs_run"] <= 2
+    assert row["best_val_loss"] <= row["linear_val_mse"] and np.isfinite(row["linear_mse"])
+    log = list(csv.DictReader(open(Path(row["epoch_log"]))))
+    assert [int(r["epoch"]) for r in log] == [0, 1, 2] and float(log[0]["val_mse"]) == row["linear_val_mse"]
+    zero_head = torch.load(Path(row["checkpoint"]).with_name("linear.pth"), weights_only=False)["model"]
+    assert not zero_head["model.head.weight"].any() and not zero_head["model.head.bias"].any()
+
+    # a second stage that cannot move (learning rate 0) keeps epoch 0: the test scores the linear forecaster
+    assert forecast.main(_short_custom_run(tmp_path, *options, "--learning_rate", "0", "--lradj", "constant",
+                                           "--des", "frozen")) == 0
+    row = _last_row(tmp_path)
+    assert row["best_epoch"] == 0 and row["best_val_loss"] == row["linear_val_mse"]
+    assert row["mse"] == row["linear_mse"] and row["mae"] == row["linear_mae"]
+
+
+def test_linear_stage_nan_loss_stops_with_a_named_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(forecast, "criterion", lambda pred, true, *options: (pred - true).sum() * float("nan"))
+    assert forecast.main(_short_custom_run(tmp_path, *LINEAR_STAGE)) == 1
+    err = capsys.readouterr().err
+    assert "linear stage" in err and "--linear_lr" in err and "no finite validation loss" in err

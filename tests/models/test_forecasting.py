@@ -178,6 +178,43 @@ def test_linear_skip_is_trained_and_reaches_the_tslib_model():
     assert tslib.model.skip.weight.shape == (24, 96)
 
 
+def test_linear_only_is_revin_cycle_and_the_linear_path_without_the_blocks():
+    """linear_only: y = denorm(W (x_n - cycle) + b + cycle) (CycleNet-Linear); the blocks are not run."""
+    seq_len, pred_len, enc_in, cycle_len = 32, 8, 3, 5
+    model = EMambaTS(seq_len, pred_len, enc_in, linear_skip=True, cycle_len=cycle_len, **TINY).eval()
+    with torch.no_grad():
+        for p in (model.skip.weight, model.skip.bias, model.cycle, model.revin.weight, model.revin.bias):
+            p.normal_(std=0.3)
+    x, phase = torch.randn(4, seq_len, enc_in) * 2 + 1, torch.tensor([0, 1, 3, 7])
+    x_n, stats = model.revin.normalize(x)
+    steps = torch.arange(seq_len + pred_len)
+    cycle = model.cycle[(phase[:, None] + steps) % cycle_len]  # (B, seq_len + pred_len, C)
+    linear = torch.einsum("bsc,ps->bpc", x_n - cycle[:, :seq_len], model.skip.weight) + model.skip.bias[:, None]
+    expected = model.revin.denormalize(linear + cycle[:, seq_len:], stats)
+    blocks_ran = []
+    model.blocks[0].register_forward_hook(lambda *_: blocks_ran.append(1))
+    torch.testing.assert_close(model(x, phase, linear_only=True), expected)
+    assert not blocks_ran
+    assert not torch.allclose(model(x, phase), expected)  # the full model adds the head's forecast
+    assert blocks_ran
+    model.zero_head()
+    torch.testing.assert_close(model(x, phase), expected)  # a zeroed head: exactly the linear forecaster
+
+
+def test_linear_parameters_are_the_linear_path_cycle_and_revin_affine():
+    model = EMambaTS(32, 8, 3, linear_skip=True, cycle_len=4, decomp_kernel=5, **TINY)
+    expected = [model.skip.weight, model.skip.bias, model.trend_head.weight, model.trend_head.bias,
+                model.revin.weight, model.revin.bias, model.cycle]
+    assert [id(p) for p in model.linear_parameters()] == [id(p) for p in expected]
+    bare = EMambaTS(32, 8, 3, linear_skip=True, revin_affine=False, **TINY)
+    assert [id(p) for p in bare.linear_parameters()] == [id(bare.skip.weight), id(bare.skip.bias)]
+    with pytest.raises(ValueError, match="linear_skip"):
+        EMambaTS(32, 8, 3, **TINY)(torch.randn(2, 32, 3), linear_only=True)
+    tslib = Model(SimpleNamespace(seq_len=32, pred_len=8, enc_in=3, linear_skip=1, d_model=8, d_ff=16, d_state=4))
+    x = torch.randn(2, 32, 3)
+    torch.testing.assert_close(tslib(x, None, None, None, linear_only=True), tslib.model(x, linear_only=True))
+
+
 def test_time_tokens_go_in_front_so_a_forward_scan_sees_them():
     """Calendar tokens are placed before the variates: the first block's forward Mamba scan then carries
     them into the variate tokens, and the calendar tokens do not see the series (placed after, the reverse).

@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decomp_kernel", type=_non_negative_int, default=0,
                    help="0: off; else an odd moving-average window: its trend of the look-back is extrapolated "
                         "by a linear map, the blocks see the rest (Autoformer / DLinear decomposition; DLinear: 25)")
+    g.add_argument("--linear_epochs", type=_non_negative_int, default=0,
+                   help="0: off; else a first training stage of at most this many epochs that fits only the "
+                        "linear part (--linear_skip's path, the cycle, RevIN's affine: RLinear / CycleNet-Linear) "
+                        "with its own --linear_lr / --linear_batch_size / --linear_patience and the type3 schedule; "
+                        "the second stage then trains everything from that forecaster, the blocks' head zeroed, "
+                        "and keeps it if no epoch beats it on validation. Needs --linear_skip 1")
+    g.add_argument("--linear_lr", type=float, default=0.01, help="learning rate of the --linear_epochs stage")
+    g.add_argument("--linear_batch_size", type=_positive_int, default=256,
+                   help="training batch size of the --linear_epochs stage")
+    g.add_argument("--linear_patience", type=_positive_int, default=5,
+                   help="early-stopping patience of the --linear_epochs stage")
     g.add_argument("--time_tokens", type=_bool_int, default=0,
                    help="variate tokenization only: the look-back's calendar features (--freq's time features) "
                         "become extra tokens in front of the variates (iTransformer)")
@@ -246,6 +257,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.freq = "t" if args.data.startswith("ETTm") else "h"
     if args.label_len > args.seq_len:
         parser.error(f"--label_len ({args.label_len}) cannot exceed --seq_len ({args.seq_len})")
+    if args.linear_epochs and not args.linear_skip:
+        parser.error("--linear_epochs fits the linear path first and needs --linear_skip 1")
     if not args.model_id:
         args.model_id = f"{Path(args.data_path).stem}_{args.seq_len}_{args.pred_len}"
     return args
@@ -389,23 +402,26 @@ def _f_dim(args: argparse.Namespace) -> int:
     return -1 if args.features == "MS" else 0
 
 
-def forward_batch(model: nn.Module, batch, device) -> torch.Tensor:
+def forward_batch(model: nn.Module, batch, device, linear_only: bool = False) -> torch.Tensor:
     """The model's forecast for one loader batch: TSLib's four tensors, plus the cycle phase when the
-    dataset makes one (``--cycle_len``)."""
+    dataset makes one (``--cycle_len``); ``linear_only``: the forecast of the model's linear part alone."""
     batch_x, _, batch_x_mark, batch_y_mark = batch[:4]
     extra = {"cycle_index": batch[4].to(device)} if len(batch) > 4 else {}
+    if linear_only:
+        extra["linear_only"] = True
     return model(batch_x.float().to(device), batch_x_mark.float().to(device), None,
                  batch_y_mark.float().to(device), **extra)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, args, device, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, loader: DataLoader, args, device, desc: str = "eval",
+            linear_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, truths) of every window of ``loader``: (windows, pred_len, c_out) scaled arrays."""
     model.eval()
     preds, trues = [], []
     f_dim = _f_dim(args)
     for batch in _progress(loader, desc=desc):
-        out = forward_batch(model, batch, device)
+        out = forward_batch(model, batch, device, linear_only)
         preds.append(out[:, -args.pred_len :, f_dim:].cpu().numpy())
         trues.append(batch[1][:, -args.pred_len :, f_dim:].numpy())
     return np.concatenate(preds), np.concatenate(trues)
@@ -522,6 +538,85 @@ def write_epoch_log(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(buf.getvalue().encode(), path)
 
 
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, args, device,
+                 desc: str, linear_only: bool = False, on_step=None) -> float:
+    """One pass over ``loader`` with the run's training loss (and augmentation); returns the mean loss.
+    Raises :class:`NonFiniteLoss` at the first NaN / infinite loss; ``on_step()`` runs after every step."""
+    model.train()
+    f_dim = _f_dim(args)
+    total, count = 0.0, 0
+    bar = _progress(loader, desc=desc)
+    try:
+        for batch in bar:
+            batch = augment_batch(batch, args.pred_len, args.aug_method, args.aug_rate)
+            target = batch[1][:, -args.pred_len :, f_dim:].float().to(device)
+            out = forward_batch(model, batch, device, linear_only)
+            loss = criterion(out[:, -args.pred_len :, f_dim:], target, args.loss, args.freq_loss_weight,
+                             args.horizon_decay)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"training loss is {loss.item()} at {desc}, batch {count + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step()
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.4f}")
+    finally:
+        bar.close()
+    return total / max(count, 1)
+
+
+def fit_linear_part(model: nn.Module, loaders: dict[str, DataLoader], args, device) -> dict[str, Any]:
+    """Stage 1 of ``--linear_epochs``: train only the model's linear part (``EMambaTS.linear_parameters``:
+    the linear path, the cycle, RevIN's affine) on its forecast without the blocks, and leave the model
+    holding the linear part's best-on-validation weights.
+
+    Why: on the ETT data a linear forecaster between RevIN and a learned cycle (CycleNet-Linear) is very hard
+    to beat, but it needs a high learning rate and many epochs (CycleNet: 0.01, batches of 256, up to 30
+    epochs), while the blocks overfit within a few epochs at a tenth of that rate or less. Trained jointly,
+    early stopping ends the run long before the linear path has converged. Fitted first, with a recipe of
+    its own (Adam without weight decay, TSLib's type3 schedule from ``--linear_lr``, the run's loss and
+    augmentation), it gives the second stage a strong forecaster to correct.
+
+    Returns ``linear_val_mse``, ``linear_best_epoch``, ``linear_epochs_run``, ``linear_train_loss`` (of the
+    best epoch), ``linear_lr_last`` and ``linear_seconds``.
+    """
+    start = time.perf_counter()
+    inner = model.model if isinstance(model, Model) else model
+    params = inner.linear_parameters()
+    stage_args = argparse.Namespace(**{**vars(args), "batch_size": args.linear_batch_size})
+    _, train_loader = data_provider(stage_args, "train")
+    optimizer = torch.optim.Adam(params, lr=args.linear_lr)
+    stage_args.learning_rate, stage_args.lradj = args.linear_lr, "type3"
+    best, best_epoch, bad_epochs, best_loss, lr = math.inf, 0, 0, math.nan, args.linear_lr
+    best_state = [p.detach().clone() for p in params]
+    epoch = 0
+    for epoch in range(1, args.linear_epochs + 1):
+        lr = adjust_learning_rate(optimizer, epoch, stage_args)
+        train_loss = _train_epoch(model, train_loader, optimizer, args, device,
+                                  desc=f"linear stage epoch {epoch}/{args.linear_epochs}", linear_only=True)
+        val_loss = metric(*predict(model, loaders["val"], args, device, desc="val", linear_only=True))["mse"]
+        improved = val_loss < best
+        print(f"linear {epoch:>3} | lr {lr:.2e} | train {train_loss:.4f} | val {val_loss:.4f}{' *' if improved else ''}",
+              flush=True)
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(f"validation loss is {val_loss} at linear stage epoch {epoch}")
+        if improved:
+            best, best_epoch, bad_epochs, best_loss = val_loss, epoch, 0, train_loss
+            best_state = [p.detach().clone() for p in params]
+        else:
+            bad_epochs += 1
+            if bad_epochs >= args.linear_patience:
+                break
+    with torch.no_grad():
+        for p, saved in zip(params, best_state):
+            p.copy_(saved)
+    return {"linear_val_mse": best, "linear_best_epoch": best_epoch, "linear_epochs_run": epoch,
+            "linear_train_loss": best_loss, "linear_lr_last": lr, "linear_seconds": time.perf_counter() - start}
+
+
 def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_path: Path,
           resume: bool = False) -> dict[str, Any]:
     """Train with early stopping on the validation MSE; the best weights are saved to ``ckpt_path``.
@@ -534,53 +629,62 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
     Returns a dict with best_val_loss, best_epoch, epochs, sec_per_epoch, history and, if the loss stopped
     being finite, ``stopped='nan_loss'`` (training ends there; the last good checkpoint is kept).
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    ema = weight_average(model, args)
-    evaluated = model if ema is None else ema.module
-    f_dim = _f_dim(args)
     step = 0
-    best, best_epoch, bad_epochs, epoch_times = math.inf, 0, 0, []
+    best, best_epoch, bad_epochs, epoch_times = math.inf, None, 0, []
     history: list[dict[str, Any]] = []
     stopped = "max_epochs"
     state_path, log_path = ckpt_path.with_name("last.pth"), ckpt_path.with_name("epochs.csv")
     first_epoch = 1
+    state = None
     if resume and state_path.exists():
         state = _load_resume_state(state_path, args)
+    elif resume:
+        print(f"--resume: no {state_path} (no interrupted run), training from the start", flush=True)
+    linear_info: dict[str, Any] = {}
+    if args.linear_epochs and state is None:
+        try:
+            linear_info = fit_linear_part(model, loaders, args, device)
+        except NonFiniteLoss as exc:
+            print(f"emamba forecast: {exc} in the linear stage; stopping. Try a lower --linear_lr.", file=sys.stderr)
+            return {"best_val_loss": None, "best_epoch": None, "epochs": 0, "sec_per_epoch": None,
+                    "stopped": "nan_loss", "history": []}
+        (model.model if isinstance(model, Model) else model).zero_head()
+        atomic_save({"model": model.state_dict(), "args": vars(args), **linear_info}, ckpt_path.with_name("linear.pth"))
+    # built after the linear stage, so that the weight average starts from its forecaster
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    ema = weight_average(model, args)
+    evaluated = model if ema is None else ema.module
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         step, best, best_epoch, bad_epochs = state["step"], state["best"], state["best_epoch"], state["bad_epochs"]
         epoch_times, history = list(state["epoch_times"]), list(state["history"])
+        linear_info = dict(state.get("linear_info") or {})
         set_rng_state(state["rng"])
         first_epoch = state["epoch"] + 1
         print(f"resuming from {state_path} after epoch {state['epoch']}", flush=True)
-    elif resume:
-        print(f"--resume: no {state_path} (no interrupted run), training from the start", flush=True)
+    elif linear_info:
+        # epoch 0 of the second stage: the linear forecaster (head zeroed), kept unless an epoch beats it
+        best, best_epoch = linear_info["linear_val_mse"], 0
+        atomic_save({"model": evaluated.state_dict(), "args": vars(args), "epoch": 0, "val_loss": best}, ckpt_path)
+        history.append({"epoch": 0, "lr": linear_info["linear_lr_last"], "train_loss": linear_info["linear_train_loss"],
+                        "val_mse": best, "best_val_mse": best, "seconds": linear_info["linear_seconds"]})
+        write_epoch_log(history, log_path)
+
+    def after_step() -> None:
+        nonlocal step
+        step += 1
+        if ema is not None:
+            ema.update(model, step=step)
+
     for epoch in range(first_epoch, args.train_epochs + 1):
         lr = adjust_learning_rate(optimizer, epoch, args)
-        model.train()
         start = time.perf_counter()
-        total, count = 0.0, 0
-        bar = _progress(loaders["train"], desc=f"epoch {epoch}/{args.train_epochs}")
         try:
-            for batch in bar:
-                batch = augment_batch(batch, args.pred_len, args.aug_method, args.aug_rate)
-                target = batch[1][:, -args.pred_len :, f_dim:].float().to(device)
-                out = forward_batch(model, batch, device)
-                loss = criterion(out[:, -args.pred_len :, f_dim:], target, args.loss, args.freq_loss_weight,
-                                 args.horizon_decay)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"training loss is {loss.item()} at epoch {epoch}, batch {count + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if ema is not None:
-                    ema.update(model, step=step)
-                total += loss.item()
-                count += 1
-                bar.set_postfix(loss=f"{total / count:.4f}")
+            train_loss = _train_epoch(model, loaders["train"], optimizer, args, device,
+                                      desc=f"epoch {epoch}/{args.train_epochs}", on_step=after_step)
         except NonFiniteLoss as exc:
             print(
                 f"emamba forecast: {exc}; stopping. The last good checkpoint ({ckpt_path}) is kept. "
@@ -589,14 +693,12 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
             )
             stopped = "nan_loss"
             break
-        finally:
-            bar.close()
         epoch_times.append(time.perf_counter() - start)
         pred, true = predict(evaluated, loaders["val"], args, device, desc="val")
         val_loss = metric(pred, true)["mse"]
         improved = val_loss < best
         print(
-            f"epoch {epoch:>3} | lr {lr:.2e} | train {total / max(count, 1):.4f} | val {val_loss:.4f}"
+            f"epoch {epoch:>3} | lr {lr:.2e} | train {train_loss:.4f} | val {val_loss:.4f}"
             f"{' *' if improved else ''} | {epoch_times[-1]:.1f}s",
             flush=True,
         )
@@ -610,7 +712,7 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
             atomic_save(checkpoint, ckpt_path)
         else:
             bad_epochs += 1
-        history.append({"epoch": epoch, "lr": lr, "train_loss": total / max(count, 1), "val_mse": val_loss,
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_mse": val_loss,
                         "best_val_mse": best, "seconds": epoch_times[-1]})
         write_epoch_log(history, log_path)
         if bad_epochs >= args.patience:
@@ -620,16 +722,17 @@ def train(model: nn.Module, loaders: dict[str, DataLoader], args, device, ckpt_p
             "identity": _run_identity(args), "epoch": epoch, "step": step, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "ema": None if ema is None else ema.module.state_dict(),
             "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_times": epoch_times,
-            "history": history, "rng": get_rng_state(),
+            "history": history, "linear_info": linear_info, "rng": get_rng_state(),
         }, state_path)
     state_path.unlink(missing_ok=True)  # training is over: nothing left to resume
     return {
-        "best_val_loss": best if best_epoch else None,
+        "best_val_loss": best if best_epoch is not None else None,
         "best_epoch": best_epoch,
         "epochs": len(epoch_times),
         "sec_per_epoch": float(np.mean(epoch_times)) if epoch_times else None,
         "stopped": stopped,
         "history": history,
+        **linear_info,
     }
 
 
@@ -693,7 +796,8 @@ _ROW_ARGS = (
     "model_id", "model", "data", "data_path", "features", "target", "seq_len", "label_len", "pred_len",
     "enc_in", "c_out", "tokenization", "patch_len", "stride", "d_model", "e_layers", "d_ff", "d_state", "d_conv",
     "bidirectional", "einfft_blocks", "dropout", "head_dropout", "revin", "affine", "subtract_last", "cycle_len",
-    "linear_skip", "time_tokens", "decomp_kernel", "batch_size",
+    "linear_skip", "time_tokens", "decomp_kernel", "batch_size", "linear_epochs", "linear_lr", "linear_batch_size",
+    "linear_patience",
     "learning_rate", "lradj", "train_epochs", "patience", "weight_decay", "ema_decay", "loss", "freq_loss_weight",
     "horizon_decay", "aug_method", "aug_rate", "des",
 )
@@ -744,7 +848,7 @@ def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[st
     if args.is_training:
         info = train(model, loaders, args, device, ckpt_path, resume=args.resume)
     history = info.pop("history", None)  # for epochs.csv and the learning curve, not the results row
-    if args.is_training and not info["best_epoch"]:  # never test a stale checkpoint of an earlier run
+    if args.is_training and info["best_epoch"] is None:  # never test a stale checkpoint of an earlier run
         raise RuntimeError("training produced no finite validation loss, so there is no checkpoint to test")
     if not ckpt_path.exists():
         raise RuntimeError(f"no checkpoint at {ckpt_path}: train it first (--is_training 1)")
@@ -760,6 +864,12 @@ def run_once(args: argparse.Namespace, ii: int, device: torch.device) -> dict[st
     row.update({"naive_mse": naive_test["mse"], "naive_mae": naive_test["mae"],
                 "naive_val_mse": naive_val["mse"], "naive_val_mae": naive_val["mae"]})
     row.update(info)
+    linear_path = ckpt_path.with_name("linear.pth")
+    if args.is_training and args.linear_epochs and linear_path.exists():
+        # diagnostic only (nothing is chosen on it): what the first stage's linear forecaster scores on test
+        load_run_checkpoint(model, linear_path, device)
+        linear_test = metric(*predict(model, loaders["test"], args, device, desc="test (linear)", linear_only=True))
+        row.update({"linear_mse": linear_test["mse"], "linear_mae": linear_test["mae"]})
     if info["stopped"] == "test_only":
         row["best_val_loss"] = state.get("val_loss")
     row.update({"params": params, "run_seconds": time.perf_counter() - run_start, "device": str(device),

@@ -251,19 +251,55 @@ class EMambaTS(nn.Module):
         trend = F.avg_pool1d(padded, self.decomp_kernel, stride=1).transpose(1, 2)
         return x - trend, trend
 
+    def _encode(self, seasonal: Tensor, x_mark: Optional[Tensor]) -> Tensor:
+        """Tokens through the blocks: (B, L, C) -> the head's input, (B, C, d_model) or (B, C, N * d_model)."""
+        batch = seasonal.shape[0]
+        h = self._tokens(seasonal)
+        if self.time_tokens:
+            h = torch.cat([self.embed(x_mark.to(seasonal.dtype).transpose(1, 2)), h], dim=1)
+        h = self.embed_drop(h)
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(h)
+        if self.time_tokens:
+            h = h[:, -self.enc_in :]  # the variate tokens
+        if self.tokenization == "patch":
+            h = h.reshape(batch, self.enc_in, -1)  # (B, C, N * d_model)
+        return h
+
     def _cycle(self, start: Tensor, length: int) -> Tensor:
         """The learned cycle over ``length`` steps from phase ``start`` (B,): (B, length, enc_in)."""
         steps = torch.arange(length, device=start.device)
         return self.cycle[(start.unsqueeze(1) + steps) % self.cycle_len]
 
-    def forward(self, x: Tensor, cycle_index: Optional[Tensor] = None, x_mark: Optional[Tensor] = None) -> Tensor:
+    def linear_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the forecaster without its blocks (what ``forward(..., linear_only=True)`` uses):
+        the linear path, the trend map, the learned cycle and RevIN's affine, in that order."""
+        parts = (self.skip, self.trend_head, self.revin if self.revin is not None and self.revin.affine else None)
+        params = [p for part in parts if part is not None for p in part.parameters()]
+        return params + ([self.cycle] if self.cycle is not None else [])
+
+    @torch.no_grad()
+    def zero_head(self) -> None:
+        """Zero the blocks' head, so that the model forecasts exactly what its linear part does (the start of
+        the second stage of ``emamba forecast --linear_epochs``): the blocks then learn only a correction,
+        and the gradient reaches them once the head has moved off zero (after its first step)."""
+        self.head.weight.zero_()
+        self.head.bias.zero_()
+
+    def forward(self, x: Tensor, cycle_index: Optional[Tensor] = None, x_mark: Optional[Tensor] = None,
+                linear_only: bool = False) -> Tensor:
         """(B, seq_len, enc_in) -> (B, pred_len, c_out); ``cycle_index`` (B,) integer phase of each window's
         first step, required when ``cycle_len`` > 0; ``x_mark`` (B, seq_len, time features), required with
-        ``time_tokens``; each is ignored otherwise."""
+        ``time_tokens``; each is ignored otherwise. ``linear_only`` skips the blocks and their head: the
+        forecast of the linear path (``linear_skip``, with the trend map of ``decomp_kernel``) between RevIN
+        and the cycle, i.e. RLinear / CycleNet-Linear; it needs ``linear_skip``."""
         if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.enc_in:
             raise ValueError(f"EMambaTS expects (batch, {self.seq_len}, {self.enc_in}), got {tuple(x.shape)}")
+        if linear_only and self.skip is None:
+            raise ValueError("linear_only needs the linear path: build EMambaTS with linear_skip=True")
         batch = x.shape[0]
-        if self.time_tokens and (x_mark is None or x_mark.dim() != 3 or x_mark.shape[:2] != (batch, self.seq_len)):
+        if self.time_tokens and not linear_only and (x_mark is None or x_mark.dim() != 3 or x_mark.shape[:2] != (batch, self.seq_len)):
             got = None if x_mark is None else tuple(x_mark.shape)
             raise ValueError(f"this EMambaTS embeds calendar tokens and needs x_mark of shape ({batch}, "
                              f"{self.seq_len}, time features), got {got}")
@@ -286,20 +322,12 @@ class EMambaTS(nn.Module):
         seasonal, trend = x, None
         if self.trend_head is not None:
             seasonal, trend = self.decompose(x)
-        h = self._tokens(seasonal)
-        if self.time_tokens:
-            h = torch.cat([self.embed(x_mark.to(x.dtype).transpose(1, 2)), h], dim=1)
-        h = self.embed_drop(h)
-        for block in self.blocks:
-            h = block(h)
-        h = self.norm(h)
-        if self.time_tokens:
-            h = h[:, -self.enc_in :]  # the variate tokens
-        if self.tokenization == "patch":
-            h = h.reshape(batch, self.enc_in, -1)  # (B, C, N * d_model)
-        y = self.head(self.head_drop(h))  # (B, C, pred_len)
-        if self.skip is not None:
-            y = y + self.skip(x.transpose(1, 2))
+        if linear_only:
+            y = self.skip(x.transpose(1, 2))  # (B, C, pred_len)
+        else:
+            y = self.head(self.head_drop(self._encode(seasonal, x_mark)))  # (B, C, pred_len)
+            if self.skip is not None:
+                y = y + self.skip(x.transpose(1, 2))
         if trend is not None:
             y = y + self.trend_head(trend.transpose(1, 2))
         y = y.transpose(1, 2)  # (B, pred_len, C)
@@ -374,5 +402,6 @@ class Model(nn.Module):
         x_mark_dec: Optional[Tensor] = None,
         mask: Optional[Tensor] = None,
         cycle_index: Optional[Tensor] = None,
+        linear_only: bool = False,
     ) -> Tensor:
-        return self.model(x_enc, cycle_index, x_mark_enc if self.model.time_tokens else None)
+        return self.model(x_enc, cycle_index, x_mark_enc if self.model.time_tokens else None, linear_only)
