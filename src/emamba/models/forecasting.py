@@ -25,6 +25,10 @@ no forecasting code or configuration. This design follows what works on the ETT 
   average of the normalised look-back is its trend, which a linear map extrapolates to the horizon; the
   blocks see only the rest (the seasonal part), so they need not model a slow drift from 96 steps.
 
+The linear path, the cycle and RevIN form a linear forecaster of their own (RLinear / CycleNet-Linear),
+which ``forward(..., linear_only=True)`` runs without the blocks: ``emamba forecast --linear_epochs`` fits
+it first (``linear_parameters``), then trains the whole model from it after ``zero_head``.
+
 ``Model(configs)`` wraps it with Time-Series-Library's four-tensor forward so that EMamba-TS drops into that
 library (``models/EMamba.py: from emamba.models.forecasting import Model``).
 """
